@@ -1,0 +1,170 @@
+"""The keys every config has, with the official recipe's defaults (reference sections 2, 3, 6, 7).
+
+The files in `configs/` start from `get_base_config()` and change what their paper setting changes.
+Users override any key from the command line: `--config.batch_size=8 --config.mesh=data:4,model:2`.
+"""
+
+import ml_collections
+
+
+def vit_base(model: ml_collections.ConfigDict) -> None:
+  """ViT-B/16 as in the official `seg_vit-b16.py` (ATM head d = 384, 12 heads)."""
+  model.embed_dim = 768
+  model.depth = 12
+  model.num_heads = 12
+  model.out_indices = (5, 7, 11)
+  model.drop_path_rate = 0.1
+  model.decoder_dim = 384
+  model.decoder_heads = 12
+
+
+def vit_large(model: ml_collections.ConfigDict) -> None:
+  """ViT-L/16 as in the official ViT-L configs (ATM head d = 512, 16 heads)."""
+  model.embed_dim = 1024
+  model.depth = 24
+  model.num_heads = 16
+  model.out_indices = (7, 15, 23)
+  model.drop_path_rate = 0.3
+  model.decoder_dim = 512
+  model.decoder_heads = 16
+
+
+def shrunk(model: ml_collections.ConfigDict) -> None:
+  """The Shrunk variant: QD at block 8 of ViT-L, QU head + single-stage ATM (reference section 4)."""
+  model.name = 'segvit_shrunk'
+  model.shrink_index = 8
+  model.out_indices = (7, 23)
+  model.use_stages = 2
+
+
+def coco_stuff10k(config: ml_collections.ConfigDict) -> None:
+  """COCO-Stuff-10K: 171 classes, 512 crops, wd 0.02, poly power 2, 80k iterations."""
+  config.num_train_steps = 80_000
+  config.checkpoint_every_steps = 8000
+  config.model.img_size = (512, 512)
+  config.model.num_classes = 171
+  config.optim.weight_decay = 0.02
+  config.optim.poly_power = 2.0
+  d = config.dataset
+  d.name = d.tfds_name = 'coco_stuff10k'
+  d.num_classes = 171
+  d.reduce_zero_label = True
+  d.crop_size = (512, 512)
+  d.img_scale = (2048, 512)
+  d.test_img_scale = (2048, 512)
+  d.test_min_size = 512
+  d.eval_pad_size = (1536, 1536)  # short side 512, long side up to 3x
+  d.eval_label_pad_size = (640, 640)  # COCO images are at most 640 on a side
+  config.eval.crop_size = (512, 512)
+  config.eval.stride = (341, 341)
+
+
+def pascal_context(config: ml_collections.ConfigDict) -> None:
+  """PASCAL-Context, 60 classes with background as the released configs: 480 crops, wd 0.03."""
+  config.num_train_steps = 80_000
+  config.checkpoint_every_steps = 8000
+  config.model.img_size = (480, 480)
+  config.model.num_classes = 60
+  config.optim.weight_decay = 0.03
+  d = config.dataset
+  d.name = 'pascal_context'
+  d.tfds_name = 'pascal_context/60'
+  d.num_classes = 60
+  d.reduce_zero_label = False
+  d.crop_size = (480, 480)
+  d.img_scale = (520, 520)
+  d.test_img_scale = (520, 520)
+  d.test_min_size = 480
+  d.eval_pad_size = (1536, 1536)  # short side 520, aspect ratio up to 2.95
+  d.eval_label_pad_size = (512, 512)  # VOC images are at most 500 on a side
+  config.eval.crop_size = (480, 480)
+  config.eval.stride = (320, 320)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """ViT-L SegViT on ADE20K at 640x640, the official recipe. Configs change what differs."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 16  # global, over all hosts and devices
+  config.num_train_steps = 160_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 4000
+  config.checkpoint_every_steps = 16_000
+  config.keep_checkpoints = 3  # the last N; the best by mIoU is kept as well
+  config.mesh = 'data:-1'  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
+  config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
+  config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
+  config.num_prediction_images = 4  # eval examples drawn to WORKDIR/predictions.png (0: none)
+  config.fault_hang_after_step = -1  # tests: after this step's checkpoint, wait to be killed
+
+  config.model = m = ml_collections.ConfigDict()
+  m.name = 'segvit'  # 'segvit' (ViT + ATM head) or 'segvit_shrunk' (QD in the ViT, QU + ATM head)
+  m.img_size = (640, 640)  # the crop (h, w) the position-embedding grid is stored for
+  m.patch_size = 16
+  m.mlp_ratio = 4
+  m.shrink_index = -1  # block that performs query-based down-sampling (shrunk only)
+  m.use_stages = 3  # backbone taps used by the head
+  m.decoder_layers = 3
+  m.decoder_dropout = 0.1
+  m.num_classes = 150
+  m.dtype = 'float32'  # compute dtype; parameters stay float32. 'bfloat16' for mixed precision.
+  m.remat = False  # rematerialise backbone blocks in the backward pass
+  vit_large(m)
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.no_object_weight = 0.1
+  config.loss.cls_weight = 1.0
+  config.loss.mask_weight = 20.0  # sigmoid focal, alpha 0.25, gamma 2
+  config.loss.dice_weight = 1.0
+
+  config.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 2e-5
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = 0.01
+  o.head_lr_mult = 10.0
+  o.warmup_steps = 1500
+  o.warmup_ratio = 1e-6
+  o.poly_power = 1.0
+  o.min_lr = 0.0
+  o.grad_clip_norm = 35.0
+  o.grad_accum_steps = 1
+
+  config.dataset = d = ml_collections.ConfigDict()
+  d.name = 'ade20k'  # 'ade20k', 'coco_stuff10k', 'pascal_context', 'synthetic'
+  d.source = 'tfds'  # 'tfds', 'mmseg_folder' (an mmseg-prepared folder) or 'synthetic'
+  d.tfds_name = 'ade20k'  # builder name, with config: 'pascal_context/60'
+  d.data_dir = ''  # TFDS data dir; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  d.folder = ''  # root of an mmseg folder: img_dir/{train,val}, ann_dir/{train,val}
+  d.reduce_zero_label = True  # label 0 -> 255, k -> k - 1 (ADE20K, COCO-Stuff)
+  d.num_classes = 150
+  d.crop_size = (640, 640)
+  d.img_scale = (2048, 640)  # (long, short) side bounds before the ratio
+  d.ratio_range = (0.5, 2.0)
+  d.cat_max_ratio = 0.75
+  d.flip_prob = 0.5
+  d.photometric = True
+  d.mean = (127.5, 127.5, 127.5)  # RGB
+  d.std = (127.5, 127.5, 127.5)
+  d.test_img_scale = (2048, 640)  # test resize: long side <= 2048, short side <= 640, aspect kept
+  d.test_min_size = 0  # > 0: the short side is at least this (COCO 512, PC 480)
+  d.eval_bucket = 64  # resized eval images are padded up to a multiple of this on each side
+  d.eval_pad_size = (2048, 2048)  # static (h, w) bucket of test-resized eval images
+  d.eval_label_pad_size = (2048, 2048)  # static (h, w) bucket of original-size eval labels
+  d.shuffle_buffer = 1000
+  d.prefetch = 2
+  d.synthetic_image_size = 96  # source 'synthetic': square image side (or (h, w))
+  d.synthetic_num_train = 1000  # source 'synthetic': examples per split, rendered in memory
+  d.synthetic_num_val = 100
+  d.synthetic_seed = 0  # source 'synthetic': example i of a split depends on (seed, split, i)
+
+  config.eval = e = ml_collections.ConfigDict()
+  e.mode = 'slide'  # 'slide' or 'whole'
+  e.crop_size = (640, 640)
+  e.stride = (608, 608)
+  e.batch_size = 8  # global
+  e.multi_scale = False
+  e.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  e.flip = True  # with multi_scale
+  e.num_examples = -1  # -1: the whole split
+  return config

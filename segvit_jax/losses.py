@@ -1,0 +1,179 @@
+"""The ATM loss of SegViT (reference section 5): class CE + sigmoid focal + dice, no matching.
+
+Query c is assigned to class c (the ATM head has exactly one query per class), so the targets are
+read straight from the label map and every shape is static under `jit`:
+
+- `present[b, c]` is True when class c occurs in image b (255 = ignore is never a class).
+- Class loss: weighted cross-entropy over all B*K queries; the target of query c is c when present
+  and K ("no object") otherwise; weight 1 per class and `no_object_weight` for K. As PyTorch's
+  weighted `cross_entropy`, the mean is sum(w_t * ce) / sum(w_t) over the global batch.
+- Mask losses, for present (b, c) pairs only: the query's mask logits are bilinearly upsampled to
+  the label size; the target is (label == c), where ignore pixels (255, also padding) are negatives,
+  never excluded. Sigmoid focal loss (alpha 0.25, gamma 2) is averaged over pixels, dice is
+  1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1); both are summed over masks and divided by
+  num_masks, the number of present (b, c) pairs in the global batch (at least 1).
+
+The official code builds one target list per image and loops; here every (b, c) pair is computed
+with elementwise ops followed by reductions over (H, W), which XLA fuses, and the pairs that are
+not present are masked out of the sums. Everything is computed in float32. At 640x640 with
+K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are rematerialised in
+the backward pass so that only the low-resolution mask logits are kept between the two passes.
+"""
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from segvit_jax import resize
+
+IGNORE_LABEL = 255
+
+
+def class_cross_entropy(class_logits: jnp.ndarray, present: jnp.ndarray,
+                        no_object_weight: float) -> jnp.ndarray:
+  """Weighted-mean cross-entropy of the class predictions (PyTorch `cross_entropy(weight=...)`).
+
+  Args:
+    class_logits: (B, K, K + 1) float, query c's logits over K classes + "no object" (last).
+    present: (B, K) bool, class c occurs in image b.
+    no_object_weight: weight of the "no object" target (the official eos_coef, 0.1).
+
+  Returns:
+    Scalar float32: sum(w_t * ce) / sum(w_t) over all B * K queries.
+  """
+  num_classes = present.shape[-1]
+  targets = jnp.where(present, jnp.arange(num_classes)[None, :], num_classes)
+  log_probs = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  weights = jnp.where(present, 1.0, no_object_weight)
+  return jnp.sum(weights * nll) / jnp.sum(weights)
+
+
+def sigmoid_focal_loss(logits: jnp.ndarray, targets: jnp.ndarray, *, alpha: float = 0.25,
+                       gamma: float = 2.0, axes=(1, 2)) -> jnp.ndarray:
+  """Sigmoid focal loss (RetinaNet form as in torchvision/detectron2), averaged over `axes`.
+
+  loss = alpha_t * bce(x, t) * (1 - p_t) ** gamma with p = sigmoid(x),
+  p_t = p t + (1 - p)(1 - t) and alpha_t = alpha t + (1 - alpha)(1 - t).
+
+  Args:
+    logits: float array, e.g. (B, H, W, K) mask logits.
+    targets: float array of 0/1 with the shape of `logits`.
+    alpha: weight of the positives.
+    gamma: focusing exponent.
+    axes: the pixel axes to average over.
+
+  Returns:
+    `logits` reduced over `axes`, e.g. (B, K): one loss per mask.
+  """
+  prob = jax.nn.sigmoid(logits)
+  # Numerically stable binary cross-entropy with logits.
+  bce = jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+  one_minus = 1.0 - p_t
+  # An integer power keeps the gradient exact and cheap (gamma is 2 in every released config).
+  modulator = one_minus ** int(gamma) if float(gamma).is_integer() else one_minus ** gamma
+  loss = bce * modulator
+  if alpha >= 0:
+    loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+  return jnp.mean(loss, axis=axes)
+
+
+def dice_loss(logits: jnp.ndarray, targets: jnp.ndarray, *, axes=(1, 2)) -> jnp.ndarray:
+  """Dice loss 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) with p = sigmoid(logits), per mask.
+
+  Args:
+    logits: float array, e.g. (B, H, W, K) mask logits.
+    targets: float array of 0/1 with the shape of `logits`.
+    axes: the pixel axes to sum over.
+
+  Returns:
+    `logits` reduced over `axes`, e.g. (B, K).
+  """
+  prob = jax.nn.sigmoid(logits)
+  numerator = 2.0 * jnp.sum(prob * targets, axis=axes) + 1.0
+  denominator = jnp.sum(prob, axis=axes) + jnp.sum(targets, axis=axes) + 1.0
+  return 1.0 - numerator / denominator
+
+
+def class_targets(labels: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+  """(B, H, W) int labels -> (B, H, W, K) float32 one-hot masks; 255 (and any id >= K) is all 0."""
+  return (labels[..., None] == jnp.arange(num_classes, dtype=labels.dtype)).astype(jnp.float32)
+
+
+def mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndarray,
+                num_masks: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Focal and dice losses of one output's masks, over the present (b, c) pairs.
+
+  Args:
+    mask_logits: (B, h, w, K) mask logits at any resolution; upsampled to the label size.
+    labels: (B, H, W) int32 labels, 255 = ignore (negative in every class mask).
+    present: (B, K) bool.
+    num_masks: scalar float, number of present pairs in the global batch, >= 1.
+
+  Returns:
+    (focal, dice) scalars, each summed over present masks and divided by num_masks.
+  """
+  num_classes = mask_logits.shape[-1]
+  logits = resize.resize_bilinear(mask_logits.astype(jnp.float32), labels.shape[1:3])
+  targets = class_targets(labels, num_classes)
+  focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
+  dice = dice_loss(logits, targets, axes=(1, 2))
+  focal = jnp.sum(jnp.where(present, focal, 0.0)) / num_masks
+  dice = jnp.sum(jnp.where(present, dice, 0.0)) / num_masks
+  return focal, dice
+
+
+def _check_output(output: Mapping[str, Any], name: str, batch: int, num_classes: int) -> None:
+  cls_shape = tuple(output['class_logits'].shape)
+  mask_shape = tuple(output['mask_logits'].shape)
+  if cls_shape != (batch, num_classes, num_classes + 1):
+    raise ValueError(f'{name}class_logits has shape {cls_shape}; expected (B, K, K + 1) = '
+                     f'{(batch, num_classes, num_classes + 1)} with num_classes={num_classes}.')
+  if len(mask_shape) != 4 or mask_shape[0] != batch or mask_shape[3] != num_classes:
+    raise ValueError(f'{name}mask_logits has shape {mask_shape}; expected (B, h, w, K) with '
+                     f'B={batch}, K={num_classes}.')
+
+
+def atm_loss(outputs: Mapping[str, Any], labels: jnp.ndarray, *, num_classes: int,
+             no_object_weight: float = 0.1, cls_weight: float = 1.0, mask_weight: float = 20.0,
+             dice_weight: float = 1.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """The SegViT ATM loss of the final output and every auxiliary output, all weighted equally.
+
+  Args:
+    outputs: the model's train-mode dict: 'class_logits' (B, K, K + 1), 'mask_logits'
+      (B, h, w, K) and 'aux', a sequence of dicts with the same two keys (may be empty).
+    labels: (B, H, W) int labels of the whole global batch; 255 = ignore (also padding).
+    num_classes: K.
+    no_object_weight: class-loss weight of the "no object" target.
+    cls_weight, mask_weight, dice_weight: weights of class CE, sigmoid focal and dice losses.
+
+  Returns:
+    (total, terms). `terms` holds the WEIGHTED losses under mmseg's names, as mmseg logs them:
+    'loss_ce', 'loss_mask' (focal), 'loss_dice' for the final output and 'loss_ce_i',
+    'loss_mask_i', 'loss_dice_i' for aux output i. total == sum(terms.values()).
+  """
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  if labels.ndim != 3:
+    raise ValueError(f'labels must be (B, H, W) int with 255 = ignore; got shape {labels.shape}.')
+  batch = labels.shape[0]
+  named = [('', outputs)] + [(f'_{i}', aux) for i, aux in enumerate(outputs.get('aux', ()))]
+  for suffix, output in named:
+    _check_output(output, 'outputs' + (f"['aux'][{suffix[1:]}]" if suffix else '') + ': ',
+                  batch, num_classes)
+
+  present = jnp.any(labels[..., None] == jnp.arange(num_classes), axis=(1, 2))  # (B, K)
+  num_masks = jnp.maximum(jnp.sum(present).astype(jnp.float32), 1.0)
+
+  terms = {}
+  for suffix, output in named:
+    ce = class_cross_entropy(output['class_logits'], present, no_object_weight)
+    # Rematerialised: the backward pass recomputes the full-resolution (B, H, W, K) logits from
+    # the (B, h, w, K) ones instead of keeping one such buffer alive per output.
+    focal, dice = jax.checkpoint(mask_losses)(output['mask_logits'], labels, present, num_masks)
+    terms['loss_ce' + suffix] = cls_weight * ce
+    terms['loss_mask' + suffix] = mask_weight * focal
+    terms['loss_dice' + suffix] = dice_weight * dice
+  total = sum(terms.values())
+  return total, terms

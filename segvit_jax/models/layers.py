@@ -1,0 +1,116 @@
+"""Building blocks shared by the backbone and the heads: attention, MLPs, drop-path, initialisers.
+
+Token layout everywhere: (B, N, C) with N = h * w flattened row-major (h first), as PyTorch's
+`flatten(2).transpose(1, 2)` does. Parameter names follow the official modules so that the
+converter's key table reads one-to-one (reference sections 9.2-9.4).
+"""
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Official head init (reference 6.6): Linear trunc-normal std 0.02 (bounds +-2 absolute), bias 0.
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+zeros = nn.initializers.zeros
+
+
+def partitioned(init, names):
+  """Attaches logical axis names (see `segvit_jax.sharding`) to an initialiser."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, name: str, dtype: Dtype, in_axis='embed', out_axis='mlp') -> nn.Dense:
+  return nn.Dense(
+      features, dtype=dtype, name=name,
+      kernel_init=partitioned(trunc_normal_02, (in_axis, out_axis)),
+      bias_init=partitioned(zeros, (out_axis,)))
+
+
+def layer_norm(name: str, eps: float) -> nn.LayerNorm:
+  # Statistics in float32 whatever the compute dtype: bf16 variance is too coarse at D = 1024.
+  return nn.LayerNorm(
+      epsilon=eps, dtype=jnp.float32, name=name,
+      scale_init=partitioned(nn.initializers.ones, ('norm',)),
+      bias_init=partitioned(zeros, ('norm',)))
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v projections and an output projection.
+
+  One module serves the ViT blocks (torch `nn.MultiheadAttention`, whose stacked `in_proj` the
+  converter splits into q/k/v), the decoders' self-attention, and the ATM cross-attention (the
+  official `Attention` with `q`, `k`, `v`, `proj`).
+
+  Call: `(queries (B, Nq, C), keys_values (B, Nk, C), deterministic)` ->
+  `(out (B, Nq, C), mask_logits (B, Nq, Nk) or None)`. With `return_mask_logits`, the second output
+  is the head-averaged PRE-softmax logits, the ATM mask (reference 3.2).
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  return_mask_logits: bool = False
+  kernel_init: Any = trunc_normal_02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, keys_values, deterministic: bool):
+    channels = queries.shape[-1]
+    if channels % self.num_heads:
+      raise ValueError(f'Attention width {channels} is not divisible by num_heads={self.num_heads}.')
+    head_dim = channels // self.num_heads
+
+    def projection(name):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, name=name,
+          kernel_init=partitioned(self.kernel_init, ('embed', 'heads', 'kv')),
+          bias_init=partitioned(zeros, ('heads', 'kv')))
+
+    q = projection('query')(queries)  # (B, Nq, H, hd)
+    k = projection('key')(keys_values)
+    v = projection('value')(keys_values)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    out = nn.DenseGeneral(
+        channels, axis=(-2, -1), dtype=self.dtype, name='out',
+        kernel_init=partitioned(trunc_normal_02, ('heads', 'kv', 'embed')),
+        bias_init=partitioned(zeros, ('embed',)))(out)
+    mask_logits = logits.mean(axis=1) if self.return_mask_logits else None
+    return out, mask_logits
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (rng stream 'dropout')."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def tokens_to_map(tokens: jnp.ndarray, grid: Tuple[int, int]) -> jnp.ndarray:
+  """(B, h*w, C) -> (B, h, w, C), rows first."""
+  b, n, c = tokens.shape
+  h, w = grid
+  if n != h * w:
+    raise ValueError(f'{n} tokens cannot form a {h}x{w} grid.')
+  return tokens.reshape(b, h, w, c)
+
+
+def map_to_tokens(x: jnp.ndarray) -> Tuple[jnp.ndarray, Tuple[int, int]]:
+  """(B, h, w, C) -> ((B, h*w, C), (h, w))."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h * w, c), (h, w)
+
+
+def cast(x: Optional[jnp.ndarray], dtype: Dtype):
+  return None if x is None else x.astype(dtype)
