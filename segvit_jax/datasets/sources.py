@@ -1,0 +1,97 @@
+"""`get_source`: one tf.data interface over TFDS builds, mmseg folders and synthetic data.
+
+Every source yields, in a fixed order and without shuffling,
+  {'image': uint8 (H, W, 3) RGB, 'label': uint8 (H, W) train ids (0..K-1, 255 = ignore),
+   'file_name': tf.string}
+and returns only this host's part of the split: `num_shards` contiguous, disjoint blocks
+covering the split, the first `n % num_shards` one example longer (as tfds.even_splits).
+Decoding happens inside the tf.data graph.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from segvit_jax.datasets import common
+from segvit_jax.datasets import mmseg_folder
+from segvit_jax.datasets import synthetic
+
+_PREPARE_NAMES = {'ade20k': 'ade20k', 'coco_stuff10k': 'coco_stuff10k',
+                  'pascal_context': 'pascal_context'}
+
+
+def _builder(dataset_config):
+  """The prepared TFDS builder of `dataset_config.tfds_name`, or an actionable error."""
+  name = dataset_config.tfds_name
+  data_dir = dataset_config.get('data_dir') or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise common.DatasetError(
+        f'config.dataset.tfds_name={name!r} is not a known TFDS dataset; expected ade20k, '
+        'coco_stuff10k, pascal_context/59 or pascal_context/60 (import '
+        'segvit_jax.datasets registers them).') from e
+  if not builder.is_prepared():
+    base = name.split('/')[0]
+    instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', '') or ''
+    raise common.DatasetError(
+        f'TFDS dataset {name!r} is not prepared in {builder.data_dir_root}. Build it once '
+        f'with:\n  python -m segvit_jax.datasets.prepare {name if base in _PREPARE_NAMES else base}'
+        f' --manual_dir=<dir with the downloads> --data_dir={builder.data_dir_root}\n'
+        f'(or point config.dataset.data_dir at an existing build, or use '
+        f"config.dataset.source='mmseg_folder' with an mmseg data folder).\n{instructions}")
+  return builder
+
+
+def _tfds_source(dataset_config, split, shard_index, num_shards):
+  builder = _builder(dataset_config)
+  start, stop = common.even_range(
+      int(builder.info.splits[split].num_examples), shard_index, num_shards)
+  read_config = tfds.ReadConfig(try_autocache=False)
+  if start == stop:  # more hosts than examples: an empty block with the right structure
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config).take(0)
+  else:
+    host_split = tfds.even_splits(split, n=num_shards)[shard_index]
+    ds = builder.as_dataset(split=host_split, shuffle_files=False, read_config=read_config)
+
+  def fmt(ex):
+    return {'image': ex['image'], 'label': ex['label'][..., 0], 'file_name': ex['file_name']}
+
+  return ds.map(fmt, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def get_source(dataset_config, split: str, *, shard_index: int = 0,
+               num_shards: int = 1) -> tf.data.Dataset:
+  """This host's examples of `split` ('train' or 'validation') of the configured source.
+
+  Args:
+    dataset_config: `config.dataset`; `source` picks 'tfds' (`tfds_name`, `data_dir`),
+      'mmseg_folder' (`folder`, `reduce_zero_label`, `num_classes`) or 'synthetic'
+      (`num_classes`, `synthetic_*`).
+    split: 'train' or 'validation' (a TFDS split expression is accepted for 'tfds').
+    shard_index: this host's index, usually jax.process_index().
+    num_shards: number of hosts, usually jax.process_count().
+  """
+  kind = dataset_config.source
+  if kind == 'tfds':
+    return _tfds_source(dataset_config, split, shard_index, num_shards)
+  if kind == 'mmseg_folder':
+    return mmseg_folder.source(dataset_config, split, shard_index, num_shards)
+  if kind == 'synthetic':
+    return synthetic.source(dataset_config, split, shard_index, num_shards)
+  raise ValueError(f"config.dataset.source={kind!r}; expected 'tfds', 'mmseg_folder' or "
+                   "'synthetic'.")
+
+
+def num_examples(dataset_config, split: str) -> int:
+  """Number of examples of `split` over all hosts."""
+  kind = dataset_config.source
+  if kind == 'tfds':
+    return int(_builder(dataset_config).info.splits[split].num_examples)
+  if kind == 'mmseg_folder':
+    return mmseg_folder.num_examples(dataset_config, split)
+  if kind == 'synthetic':
+    return synthetic.num_examples(dataset_config, split)
+  raise ValueError(f"config.dataset.source={kind!r}; expected 'tfds', 'mmseg_folder' or "
+                   "'synthetic'.")
