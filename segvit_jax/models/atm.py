@@ -93,7 +93,7 @@ def mask_map(mask_logits: jnp.ndarray, grid: Tuple[int, int]) -> jnp.ndarray:
 class ATMHead(nn.Module):
   """The multi-stage ATM head of plain SegViT.
 
-  `features` are the backbone taps, shallowest first; the head uses the last `use_stages` of them
+  `features` are the backbone taps, shallowest first; the head uses the first `use_stages` of them
   DEEPEST FIRST, carries the class queries from stage to stage, and sums the stage masks (stage
   s's mask is the sum of the last-layer masks of stages 1..s). Every stage must share one grid.
   """
@@ -107,7 +107,7 @@ class ATMHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray], *, train: bool) -> List[Tuple]:
-    stages = list(features[-self.use_stages:])[::-1]
+    stages = list(features[:self.use_stages])[::-1]  # as official: inputs[:use_stages], reversed
     queries = class_queries(self, self.num_classes, self.dim, stages[0].shape[0], self.dtype)
     classify = class_head(self.num_classes, self.dtype)
     predictions, mask_sum = [], 0.0

@@ -58,7 +58,7 @@ class SegViT(nn.Module):
       grid = (c.img_size[0] // c.patch_size, c.img_size[1] // c.patch_size)
       predictions = shrunk.QUHead(
           c.num_classes, grid, c.decoder_dim, c.decoder_heads, c.decoder_layers,
-          c.decoder_dropout, dtype, name='head')(features[-c.use_stages:], train=train)
+          c.decoder_dropout, dtype, name='head')(features[:c.use_stages], train=train)
     else:
       predictions = atm.ATMHead(
           c.num_classes, c.decoder_dim, c.decoder_heads, c.decoder_layers, c.use_stages,
