@@ -1,0 +1,372 @@
+"""mmseg 0.24 training / test transforms as pure TensorFlow ops (graph mode, one example at a time).
+
+Layouts: images HWC, RGB, uint8 on input; labels HW uint8 train ids with 255 = ignore.
+
+The official train pipeline is
+  Resize(img_scale, ratio_range, keep_ratio) -> RandomCrop(crop, cat_max_ratio=0.75)
+  -> RandomFlip(0.5) -> PhotoMetricDistortion -> Normalize -> Pad(crop, 0, seg 255).
+Here resize, crop and flip are fused into one gather: only the crop window of the resized image is
+ever computed, so the cost does not grow with the resize ratio. The sampled pixels are exactly
+those of "resize the whole image, then crop, then flip".
+
+Interpolation rules (mmcv `imresize` uses OpenCV):
+- Image: cv2 INTER_LINEAR, i.e. source coordinate (dst + 0.5) * in / out - 0.5, clamped at the
+  borders, two taps, no antialiasing when downsampling (the same rule as
+  `tf.image.resize(..., antialias=False)` and PyTorch's bilinear). OpenCV interpolates uint8 with
+  11-bit fixed-point weights and integer sums; we use the same quantised weights in float32 and
+  round half up, so a pixel can still differ from OpenCV's by 1 grey level in rare ties.
+- Label: cv2 INTER_NEAREST, source index floor(dst * in / out) (top-left rule, not half-pixel).
+
+PhotoMetricDistortion works on uint8 in mmseg: each step clips to [0, 255] and truncates. We keep
+float32 tensors holding integer values and floor after each step. Saturation and hue use
+`tf.image.adjust_saturation` / `adjust_hue` in continuous HSV instead of OpenCV's 8-bit HSV
+(H quantised to 2 degrees, S to 1/255), then round: a pixel can differ by a few grey levels.
+
+Randomness: every random decision of one example comes from a single stateless draw keyed by a
+(2,) int seed, so an example is reproducible from (seed, its global stream position) alone.
+"""
+
+from typing import Mapping, Sequence
+
+import tensorflow as tf
+
+IGNORE_INDEX = 255
+
+# mmseg PhotoMetricDistortion defaults (every released SegViT config uses them).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # OpenCV 8-bit hue units (180 = a full turn); randint(-18, 18) is in [-18, 17]
+
+# mmseg RandomCrop: 10 checked candidates; after 10 rejections an 11th one is used unchecked.
+CROP_TRIES = 10
+
+# Slots of the per-example uniform draw (one stateless call per example).
+_RATIO, _FLIP = 0, 1
+_BRIGHT_ON, _BRIGHT, _MODE, _CONTRAST_ON, _CONTRAST = 2, 3, 4, 5, 6
+_SAT_ON, _SAT, _HUE_ON, _HUE = 7, 8, 9, 10
+_CROP = 11  # 2 * (CROP_TRIES + 1) slots: (y, x) per candidate
+NUM_UNIFORMS = _CROP + 2 * (CROP_TRIES + 1)
+
+
+def example_uniforms(seed) -> tf.Tensor:
+  """(NUM_UNIFORMS,) float64 in [0, 1): all random numbers of one example, from a (2,) int seed."""
+  seed = tf.cast(seed, tf.int64)
+  return tf.random.stateless_uniform([NUM_UNIFORMS], seed=seed, dtype=tf.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize target size (mmseg Resize, keep_ratio=True; mmcv rescale_size).
+
+
+def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]) -> tf.Tensor:
+  """mmseg `random_sample_ratio`: (int(img_scale[0] * r), int(img_scale[1] * r)), float64 (2,).
+
+  `u` is a uniform [0, 1) draw; r = u * (max - min) + min.
+  """
+  lo, hi = float(ratio_range[0]), float(ratio_range[1])
+  ratio = tf.cast(u, tf.float64) * (hi - lo) + lo
+  scale = tf.constant([float(img_scale[0]), float(img_scale[1])], tf.float64) * ratio
+  return tf.floor(scale)  # int() of a positive float
+
+
+def rescale_size(hw, scale, min_size: int = 0) -> tf.Tensor:
+  """Resized (h, w) int32 of an image of size `hw` under mmseg Resize(keep_ratio=True).
+
+  Args:
+    hw: (2,) original (h, w).
+    scale: (2,) the (long, short) bounds (either order: mmcv takes max and min).
+    min_size: mmseg `Resize(min_size=...)`; > 0 makes the short side max(min(scale), min_size)
+      (the long side then follows the aspect ratio).
+
+  mmcv: factor = min(max(scale) / max(h, w), min(scale) / min(h, w)); new = int(x * factor + 0.5).
+  All arithmetic is float64 in the same order as mmcv / mmseg, so the sizes agree exactly.
+  """
+  hw = tf.cast(hw, tf.float64)
+  h, w = hw[0], hw[1]
+  scale = tf.cast(scale, tf.float64)
+  s0, s1 = scale[0], scale[1]
+  if min_size:
+    short = tf.minimum(s0, s1)
+    new_short = tf.where(short < float(min_size), tf.constant(float(min_size), tf.float64), short)
+    s0 = tf.where(h > w, new_short * h / w, new_short)
+    s1 = tf.where(h > w, new_short, new_short * w / h)
+  factor = tf.minimum(tf.maximum(s0, s1) / tf.maximum(h, w), tf.minimum(s0, s1) / tf.minimum(h, w))
+  new_h = tf.floor(h * factor + 0.5)
+  new_w = tf.floor(w * factor + 0.5)
+  return tf.cast(tf.stack([new_h, new_w]), tf.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV index rules, evaluated only at the output positions we need.
+
+
+def _inverse_scale(in_size, out_size) -> tf.Tensor:
+  # OpenCV: inv_scale = out / in (double); scale = 1 / inv_scale.
+  return 1.0 / (tf.cast(out_size, tf.float64) / tf.cast(in_size, tf.float64))
+
+
+def nearest_source_index(dst, in_size, out_size) -> tf.Tensor:
+  """cv2 INTER_NEAREST source index of output positions `dst`: min(floor(dst * in/out), in - 1)."""
+  src = tf.floor(tf.cast(dst, tf.float64) * _inverse_scale(in_size, out_size))
+  return tf.minimum(tf.cast(src, tf.int32), tf.cast(in_size, tf.int32) - 1)
+
+
+def linear_source_taps(dst, in_size, out_size):
+  """cv2 INTER_LINEAR taps of output positions `dst`: (lo, hi) int32 and the weight of hi.
+
+  Source coordinate (dst + 0.5) * in/out - 0.5; below 0 it snaps to pixel 0, at or past the last
+  pixel it snaps to the last one (weight 0 on the second tap), as OpenCV does. The weight is a
+  multiple of 1/2048, as OpenCV's fixed-point coefficients for uint8 images.
+  """
+  in_size = tf.cast(in_size, tf.int32)
+  src = (tf.cast(dst, tf.float64) + 0.5) * _inverse_scale(in_size, out_size) - 0.5
+  lo = tf.floor(src)
+  frac = src - lo
+  lo = tf.cast(lo, tf.int32)
+  snap = tf.logical_or(lo < 0, lo >= in_size - 1)
+  frac = tf.where(snap, tf.zeros_like(frac), frac)
+  # OpenCV's uint8 path uses 11-bit fixed-point weights (INTER_RESIZE_COEF_BITS): quantising the
+  # same way makes exact .5 ties (common with integer pixels) round as OpenCV rounds them.
+  frac = tf.round(frac * 2048.0) / 2048.0
+  lo = tf.clip_by_value(lo, 0, in_size - 1)
+  hi = tf.minimum(lo + 1, in_size - 1)
+  return lo, hi, tf.cast(frac, tf.float32)
+
+
+def resize_window_linear(image, new_hw, rows, cols) -> tf.Tensor:
+  """Pixels (rows x cols) of `image` bilinearly resized to `new_hw`, without the full resize.
+
+  Args:
+    image: (H, W, C) any real dtype.
+    new_hw: (2,) the resized (h, w).
+    rows, cols: int vectors of output positions in the resized image (any order: a reversed
+      `cols` gives a horizontally flipped window).
+  Returns:
+    (len(rows), len(cols), C) float32, unrounded.
+  """
+  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
+  r_lo, r_hi, r_frac = linear_source_taps(rows, in_h, new_hw[0])
+  c_lo, c_hi, c_frac = linear_source_taps(cols, in_w, new_hw[1])
+  # Columns first, on the uint8 rows the window needs, transposed so that both passes gather
+  # whole rows along axis 0 (a middle-axis gather of 3-channel pixels is much slower in TF).
+  r0 = tf.reduce_min(r_lo)
+  r1 = tf.reduce_max(r_hi) + 1
+  source = tf.transpose(image[r0:r1], [1, 0, 2])  # (W, r1 - r0, C)
+  left = tf.cast(tf.gather(source, c_lo), tf.float32)
+  right = tf.cast(tf.gather(source, c_hi), tf.float32)
+  x = tf.transpose(left + (right - left) * c_frac[:, None, None], [1, 0, 2])  # (r1 - r0, cols, C)
+  top = tf.gather(x, r_lo - r0)
+  bottom = tf.gather(x, r_hi - r0)
+  return top + (bottom - top) * r_frac[:, None, None]
+
+
+def resize_window_nearest(label, new_hw, rows, cols) -> tf.Tensor:
+  """Pixels (rows x cols) of `label` (H, W) nearest-resized to `new_hw` (cv2 rule); dtype kept."""
+  in_h, in_w = tf.shape(label)[0], tf.shape(label)[1]
+  r = nearest_source_index(rows, in_h, new_hw[0])
+  c = nearest_source_index(cols, in_w, new_hw[1])
+  r0 = tf.reduce_min(r)
+  source = tf.transpose(label[r0:tf.reduce_max(r) + 1])  # axis-0 gathers, as in the linear case
+  return tf.gather(tf.transpose(tf.gather(source, c)), r - r0)
+
+
+def round_pixels(x) -> tf.Tensor:
+  """Round half up and clip to [0, 255], as OpenCV's saturate_cast to uint8 does; stays float32."""
+  return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# RandomCrop.
+
+
+def crop_accepted(label_crop, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX):
+  """mmseg RandomCrop check: > 1 class present (ignoring 255) and max count / total < ratio."""
+  counts = tf.math.bincount(tf.cast(tf.reshape(label_crop, [-1]), tf.int32),
+                            minlength=256, maxlength=256, dtype=tf.int64)
+  counts = counts * tf.cast(tf.range(256) != ignore_index, tf.int64)
+  present = tf.math.count_nonzero(counts)
+  total = tf.reduce_sum(counts)
+  ratio = tf.cast(tf.reduce_max(counts), tf.float64) / tf.cast(tf.maximum(total, 1), tf.float64)
+  return tf.logical_and(present > 1, ratio < cat_max_ratio)
+
+
+def crop_offsets(u, new_hw, crop_hw: Sequence[int]) -> tf.Tensor:
+  """(n, 2) int32 crop offsets from (n, 2) uniforms: randint(0, max(size - crop, 0) + 1)."""
+  margin = tf.maximum(new_hw - tf.constant(crop_hw, tf.int32), 0)
+  off = tf.floor(tf.cast(u, tf.float64) * tf.cast(margin + 1, tf.float64)[None])
+  return tf.minimum(tf.cast(off, tf.int32), margin[None])
+
+
+def choose_crop(label, new_hw, crop_hw: Sequence[int], offsets, cat_max_ratio: float):
+  """mmseg RandomCrop's choice among candidate offsets (CROP_TRIES + 1, 2).
+
+  The first candidate among the first CROP_TRIES whose crop of the resized label passes
+  `crop_accepted`; if none passes, the last candidate (mmseg samples a new box after the 10th
+  rejection and keeps it unchecked). With cat_max_ratio >= 1 the first candidate, unchecked.
+  `label` is the label BEFORE resizing; crops are read through the nearest-resize rule.
+
+  Returns:
+    (y0, x0) int32 and the chosen (ch, cw) window of the resized label (ch = min(crop_h, new_h)),
+    so that the caller does not gather it again.
+  """
+  offsets = tf.convert_to_tensor(offsets, tf.int32)
+  new_hw = tf.convert_to_tensor(new_hw, tf.int32)
+  ch = tf.minimum(crop_hw[0], new_hw[0])
+  cw = tf.minimum(crop_hw[1], new_hw[1])
+
+  def window(k):
+    y0, x0 = offsets[k, 0], offsets[k, 1]
+    return resize_window_nearest(label, new_hw, y0 + tf.range(ch), x0 + tf.range(cw))
+
+  if cat_max_ratio >= 1.0:
+    return offsets[0], window(0)
+
+  def cond(k, done, win):
+    del win
+    return tf.logical_and(k < CROP_TRIES, tf.logical_not(done))
+
+  def body(k, done, win):
+    del done, win
+    win = window(k)
+    ok = crop_accepted(win, cat_max_ratio)
+    return tf.where(ok, k, k + 1), ok, win
+
+  start = (tf.constant(0), tf.constant(False), tf.zeros([ch, cw], label.dtype))
+  k, ok, win = tf.while_loop(cond, body, start, maximum_iterations=CROP_TRIES,
+                             shape_invariants=(tf.TensorShape([]), tf.TensorShape([]),
+                                               tf.TensorShape([None, None])))
+  win = tf.cond(ok, lambda: win, lambda: window(k))  # k == CROP_TRIES: the unchecked last box
+  return offsets[k], win
+
+
+# ---------------------------------------------------------------------------------------------
+# PhotoMetricDistortion.
+
+
+def photometric_params(u) -> dict[str, tf.Tensor]:
+  """mmseg PhotoMetricDistortion draws from the example's uniforms (each step with p = 0.5)."""
+  u = tf.cast(u, tf.float64)
+
+  def between(x, lo, hi):
+    return tf.cast(x * (hi - lo) + lo, tf.float32)
+
+  return {
+      'brightness_on': u[_BRIGHT_ON] < 0.5,
+      'brightness': between(u[_BRIGHT], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA),
+      'contrast_first': u[_MODE] < 0.5,  # mmseg mode == 1
+      'contrast_on': u[_CONTRAST_ON] < 0.5,
+      'contrast': between(u[_CONTRAST], *CONTRAST_RANGE),
+      'saturation_on': u[_SAT_ON] < 0.5,
+      'saturation': between(u[_SAT], *SATURATION_RANGE),
+      'hue_on': u[_HUE_ON] < 0.5,
+      # randint(-18, 18): integers in [-18, 17].
+      'hue': tf.cast(tf.floor(u[_HUE] * (2 * HUE_DELTA)) - HUE_DELTA, tf.float32),
+  }
+
+
+def _convert(x, alpha=1.0, beta=0.0):
+  # mmseg `convert`: float32 x * alpha + beta, clip to [0, 255], astype(uint8) (truncation).
+  return tf.floor(tf.clip_by_value(x * alpha + beta, 0.0, 255.0))
+
+
+def photometric_distortion(image, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  """mmseg 0.24 PhotoMetricDistortion on (h, w, 3) float32 RGB holding integers in [0, 255].
+
+  Order: brightness, contrast (if contrast_first), saturation, hue, contrast (otherwise).
+  Saturation and hue are invariant to the channel order, so RGB vs mmseg's BGR does not matter.
+  """
+  p = params
+
+  def maybe(flag, fn, x):
+    return tf.cond(flag, lambda: fn(x), lambda: x)
+
+  def contrast(x):
+    return maybe(p['contrast_on'], lambda y: _convert(y, alpha=p['contrast']), x)
+
+  x = maybe(p['brightness_on'], lambda y: _convert(y, beta=p['brightness']), image)
+  x = maybe(p['contrast_first'], contrast, x)
+  x = maybe(p['saturation_on'],
+            lambda y: round_pixels(tf.image.adjust_saturation(y, p['saturation'])), x)
+  x = maybe(p['hue_on'], lambda y: round_pixels(tf.image.adjust_hue(y, p['hue'] / 180.0)), x)
+  x = maybe(tf.logical_not(p['contrast_first']), contrast, x)
+  return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalize and Pad.
+
+
+def normalize(image, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """(x - mean) * (1 / std) per RGB channel of (h, w, 3), float32 (mmcv `imnormalize` order)."""
+  x = tf.cast(image, tf.float32)
+  if len(set(mean)) == 1 and len(set(std)) == 1:  # scalar ops: much faster than a (3,) broadcast
+    return (x - float(mean[0])) * float(1.0 / std[0])
+  mean = tf.constant(mean, tf.float32)
+  inv_std = tf.constant([1.0 / s for s in std], tf.float32)
+  return (x - mean) * inv_std
+
+
+def pad_bottom_right(x, size: Sequence[int], value) -> tf.Tensor:
+  """Pads the first two dims of `x` at the bottom / right up to the static `size` with `value`.
+
+  `x` must not be larger than `size` (callers check and raise a message naming the example).
+  """
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+  paddings = [[0, size[0] - h], [0, size[1] - w]] + [[0, 0]] * (len(x.shape) - 2)
+  # Most training crops need no padding: skip the copy then.
+  out = tf.cond(tf.logical_and(tf.equal(h, size[0]), tf.equal(w, size[1])), lambda: x,
+                lambda: tf.pad(x, paddings, constant_values=tf.cast(value, x.dtype)))
+  out.set_shape(list(size) + list(x.shape[2:]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole pipelines of one example.
+
+
+def train_transform(image, label, seed, *, crop_size: Sequence[int], img_scale: Sequence[int],
+                    ratio_range: Sequence[float], cat_max_ratio: float, flip_prob: float,
+                    photometric: bool, mean: Sequence[float], std: Sequence[float],
+                    min_size: int = 0) -> dict[str, tf.Tensor]:
+  """The official training transform of one example.
+
+  Args:
+    image: (H, W, 3) uint8 RGB.  label: (H, W) uint8 (255 = ignore).
+    seed: (2,) int, e.g. (config.seed, global example index).
+  Returns:
+    {'image': (Ch, Cw, 3) float32 normalised, 0 in the padding;
+     'label': (Ch, Cw) int32, 255 in the padding}, (Ch, Cw) = crop_size.
+  """
+  u = example_uniforms(seed)
+  hw = tf.shape(label)[:2]
+  tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(image)[:2], hw)),
+                      ['train_transform: image and label sizes differ:', tf.shape(image), hw])
+  scale = sample_scale(u[_RATIO], img_scale, ratio_range)
+  new_hw = rescale_size(hw, scale, min_size)
+  offsets = crop_offsets(tf.reshape(u[_CROP:], [CROP_TRIES + 1, 2]), new_hw, crop_size)
+  y0x0, lab = choose_crop(label, new_hw, crop_size, offsets, cat_max_ratio)
+  flip = u[_FLIP] < flip_prob
+  rows = y0x0[0] + tf.range(tf.shape(lab)[0])
+  cols = y0x0[1] + tf.range(tf.shape(lab)[1])
+  cols = tf.where(flip, tf.reverse(cols, [0]), cols)  # the flipped crop, read directly
+  lab = tf.cond(flip, lambda: tf.reverse(lab, [1]), lambda: lab)
+  # A convex combination of uint8 values: rounding needs no clipping.
+  img = tf.floor(resize_window_linear(image, new_hw, rows, cols) + 0.5)
+  if photometric:
+    img = photometric_distortion(img, photometric_params(u))
+  img = normalize(img, mean, std)
+  return {
+      'image': pad_bottom_right(img, crop_size, 0.0),
+      'label': pad_bottom_right(tf.cast(lab, tf.int32), crop_size, IGNORE_INDEX),
+  }
+
+
+def eval_resize(image, scale: Sequence[int], min_size: int = 0):
+  """mmseg test-time Resize(keep_ratio=True) of (H, W, 3) uint8.
+
+  Returns ((h', w', 3) float32 holding integers (the uint8 OpenCV result), (2,) int32 (h', w')).
+  """
+  new_hw = rescale_size(tf.shape(image)[:2], tf.constant(scale, tf.float64), min_size)
+  resized = resize_window_linear(image, new_hw, tf.range(new_hw[0]), tf.range(new_hw[1]))
+  return tf.floor(resized + 0.5), new_hw

@@ -1,0 +1,304 @@
+"""tf.data input pipelines: sources -> mmseg augmentation -> host batches -> global sharded arrays.
+
+Train (`create_train_dataset`): an infinite stream of host batches
+  {'image': (b, Ch, Cw, 3) float32 normalised, 'label': (b, Ch, Cw) int32, 255 = ignore/padding}
+with b = config.batch_size // process_count. Each host reads its own shard of the split; each epoch
+of that shard is shuffled with a seed derived from (config.seed, epoch), and the epochs are chained
+into one stream. Example p of the host stream belongs to global step p // b; its augmentation is
+keyed on (config.seed, global position = step * batch_size + process_index * b + p % b), so a
+run restarted with `start_step=s` yields exactly the batches an uninterrupted run yields from step
+s: whole epochs are skipped arithmetically, and the rest of the epoch is skipped before the
+augmentation stage (only the source's reading / decoding runs for skipped examples). Sources may
+yield encoded image / label bytes: they are then decoded after the shuffle and the skip
+(`decode_example`), so the shuffle buffer holds encoded examples and resuming decodes nothing.
+
+Eval (`create_eval_dataset`): finite, host batches of config.eval.batch_size // process_count
+  {'image': (b, Hb, Wb, 3) float32, test-resized, normalised, 0-padded to dataset.eval_pad_size;
+   'image_size': (b, 2) int32 resized (h, w); 'label': (b, Hl, Wl) int32 original resolution,
+   255-padded to dataset.eval_label_pad_size; 'label_size': (b, 2) int32; 'valid': (b,) bool}.
+Every host yields the same number of batches; missing examples are padding with valid=False.
+
+`make_global_batch` / `global_batches` turn host batches into `jax.Array`s sharded over the mesh's
+data axes (multi-host: each process contributes its rows).
+"""
+
+import collections
+import itertools
+import math
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from segvit_jax import augment
+
+TRAIN_SPLIT = 'train'
+EVAL_SPLIT = 'validation'
+
+# source_fn(dataset_config, split, *, shard_index, num_shards) -> tf.data.Dataset of
+# {'image': uint8 (H, W, 3), 'label': uint8 (H, W), 'file_name': string}.
+SourceFn = Callable[..., tf.data.Dataset]
+
+
+def _default_source_fn() -> SourceFn:
+  from segvit_jax import datasets  # pylint: disable=g-import-not-at-top
+  return datasets.get_source
+
+
+def host_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
+  """global / process_count, with an error naming the config key when it does not divide."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'{what}={global_batch_size} must be a positive multiple of the number of '
+                     f'processes ({process_count}).')
+  return global_batch_size // process_count
+
+
+def _num_examples(source: tf.data.Dataset, what: str) -> int:
+  """The number of examples of a finite source (counting them only if tf.data does not know)."""
+  n = int(source.cardinality())
+  if n == tf.data.INFINITE_CARDINALITY:
+    raise ValueError(f'The {what} source is infinite; sources must yield each example once.')
+  if n < 0:  # unknown: count (reads the whole shard once)
+    n = int(source.reduce(np.int64(0), lambda count, _: count + 1))
+  if n == 0:
+    raise ValueError(f'The {what} source is empty.')
+  return n
+
+
+def decode_example(example: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+  """(image (H, W, 3) uint8, label (H, W) uint8) of a source example.
+
+  A source may also yield encoded bytes (tf.string: JPEG / PNG image, single-channel PNG label
+  already in train ids): they are decoded here, after shuffling and skipping, which keeps the
+  shuffle buffer small and makes resuming cheap.
+  """
+  image, label = example['image'], example['label']
+  if image.dtype == tf.string:
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  if label.dtype == tf.string:
+    label = tf.io.decode_png(label, channels=1)[..., 0]
+  return image, label
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map
+  return options
+
+
+def _epoch_seed(seed: int, epoch):
+  """int64 shuffle seed of one epoch, distinct for every (seed, epoch) with epoch < 2**32."""
+  return tf.constant((seed % 2**31) * 2**32, tf.int64) + tf.cast(epoch, tf.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train.
+
+
+def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                         process_count: int, start_step: int = 0,
+                         source_fn: Optional[SourceFn] = None) -> tf.data.Dataset:
+  """Infinite dataset of this host's training batches from global step `start_step` on.
+
+  Args:
+    config: the experiment config (uses seed, batch_size and dataset.*).
+    process_index, process_count: this host and the number of hosts (jax.process_index/count()).
+    start_step: the global step of the first batch (resuming from a checkpoint).
+    source_fn: replaces `segvit_jax.datasets.get_source` (tests, benchmarks).
+  """
+  d = config.dataset
+  local_batch = host_batch_size(config.batch_size, process_count, 'config.batch_size')
+  source_fn = source_fn or _default_source_fn()
+  source = source_fn(d, TRAIN_SPLIT, shard_index=process_index, num_shards=process_count)
+  source = source.map(tf.autograph.experimental.do_not_convert(
+      lambda ex: {'image': ex['image'], 'label': ex['label']}))
+  num_examples = _num_examples(source, f'{d.name} {TRAIN_SPLIT} shard {process_index}')
+
+  first_position = int(start_step) * local_batch  # in this host's stream
+  first_epoch, skip = divmod(first_position, num_examples)
+  seed = int(config.seed)
+
+  def epoch(e):
+    if d.shuffle_buffer > 1:
+      return source.shuffle(d.shuffle_buffer, seed=_epoch_seed(seed, e),
+                            reshuffle_each_iteration=False)
+    return source
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  ds = ds.skip(skip).enumerate(start=first_position)
+
+  global_batch = config.batch_size
+  crop_size = tuple(d.crop_size)
+  kwargs = dict(crop_size=crop_size, img_scale=tuple(d.img_scale),
+                ratio_range=tuple(d.ratio_range), cat_max_ratio=float(d.cat_max_ratio),
+                flip_prob=float(d.flip_prob), photometric=bool(d.photometric),
+                mean=tuple(d.mean), std=tuple(d.std))
+
+  @tf.autograph.experimental.do_not_convert  # plain tf ops: skipping autograph halves tracing
+  def transform(position, example):
+    step, row = position // local_batch, position % local_batch
+    global_position = step * global_batch + process_index * local_batch + row
+    seed_pair = tf.stack([tf.constant(seed, tf.int64), global_position])
+    image, label = decode_example(example)
+    return augment.train_transform(image, label, seed_pair, **kwargs)
+
+  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(max(int(d.prefetch), 1))
+  return ds.with_options(_options())
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval.
+
+
+def eval_pad_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The static (h, w) buckets of eval images (resized) and labels (original size)."""
+  d = config.dataset
+  image = tuple(int(s) for s in d.eval_pad_size)
+  label = tuple(int(s) for s in d.eval_label_pad_size)
+  for key, size in (('eval_pad_size', image), ('eval_label_pad_size', label)):
+    if len(size) != 2 or min(size) <= 0:
+      raise ValueError(f'config.dataset.{key}={size} must be a positive (h, w).')
+  patch = int(config.model.get('patch_size', 16))
+  if image[0] % patch or image[1] % patch:
+    raise ValueError(f'config.dataset.eval_pad_size={image} must be multiples of the patch size '
+                     f'config.model.patch_size={patch}.')
+  return image, label
+
+
+def eval_transform(example: Mapping[str, tf.Tensor], *, img_scale: Sequence[int], min_size: int,
+                   mean: Sequence[float], std: Sequence[float], pad_size: Sequence[int],
+                   label_pad_size: Sequence[int]) -> dict[str, tf.Tensor]:
+  """The test transform of one example, padded to the static buckets.
+
+  Fails (tf.errors.InvalidArgumentError when iterated) naming the file and the config key when the
+  resized image or the original label does not fit its bucket: never crops silently.
+  """
+  image, label = decode_example(example)
+  name = example['file_name']
+  resized, new_hw = augment.eval_resize(image, img_scale, min_size)
+  label_hw = tf.shape(label)[:2]
+  checks = [
+      tf.debugging.Assert(
+          tf.reduce_all(new_hw <= tf.constant(pad_size, tf.int32)),
+          [f'Eval image too large for config.dataset.eval_pad_size={tuple(pad_size)}; raise '
+           'that bucket. File:', name, 'resized (h, w):', new_hw]),
+      tf.debugging.Assert(
+          tf.reduce_all(label_hw <= tf.constant(label_pad_size, tf.int32)),
+          [f'Eval label too large for config.dataset.eval_label_pad_size={tuple(label_pad_size)}; '
+           'raise that bucket. File:', name, '(h, w):', label_hw]),
+  ]
+  with tf.control_dependencies(checks):
+    image = augment.normalize(resized, mean, std)
+    label = tf.cast(label, tf.int32)
+  return {
+      'image': augment.pad_bottom_right(image, pad_size, 0.0),
+      'image_size': new_hw,
+      'label': augment.pad_bottom_right(label, label_pad_size, augment.IGNORE_INDEX),
+      'label_size': tf.cast(label_hw, tf.int32),
+      'valid': tf.constant(True),
+  }
+
+
+def _padding_example(pad_size, label_pad_size) -> dict[str, tf.Tensor]:
+  return {
+      'image': tf.zeros(list(pad_size) + [3], tf.float32),
+      'image_size': tf.zeros([2], tf.int32),
+      'label': tf.fill(list(label_pad_size), tf.constant(augment.IGNORE_INDEX, tf.int32)),
+      'label_size': tf.zeros([2], tf.int32),
+      'valid': tf.constant(False),
+  }
+
+
+def eval_shard_sizes(config: ml_collections.ConfigDict, process_count: int,
+                     source_fn: Optional[SourceFn] = None) -> list[int]:
+  """Examples each host evaluates (after config.eval.num_examples), host 0 first."""
+  source_fn = source_fn or _default_source_fn()
+  d = config.dataset
+  sizes = [_num_examples(source_fn(d, EVAL_SPLIT, shard_index=i, num_shards=process_count),
+                         f'{d.name} {EVAL_SPLIT} shard {i}') for i in range(process_count)]
+  limit = int(config.eval.num_examples)
+  if limit > 0:  # about `limit` examples in total: the first ceil(limit / hosts) of each shard
+    sizes = [min(s, math.ceil(limit / process_count)) for s in sizes]
+  return sizes
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                        process_count: int,
+                        source_fn: Optional[SourceFn] = None) -> tf.data.Dataset:
+  """Finite dataset of this host's eval batches; the same number of batches on every host."""
+  d = config.dataset
+  local_batch = host_batch_size(config.eval.batch_size, process_count, 'config.eval.batch_size')
+  pad_size, label_pad_size = eval_pad_sizes(config)
+  source_fn = source_fn or _default_source_fn()
+  sizes = eval_shard_sizes(config, process_count, source_fn)
+  num_batches = math.ceil(max(sizes) / local_batch)
+  mine = sizes[process_index]
+
+  source = source_fn(d, EVAL_SPLIT, shard_index=process_index, num_shards=process_count)
+  kwargs = dict(img_scale=tuple(d.test_img_scale), min_size=int(d.test_min_size),
+                mean=tuple(d.mean), std=tuple(d.std), pad_size=pad_size,
+                label_pad_size=label_pad_size)
+  transform = tf.autograph.experimental.do_not_convert(lambda ex: eval_transform(ex, **kwargs))
+  ds = source.take(mine).map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.range(num_batches * local_batch - mine).map(
+      tf.autograph.experimental.do_not_convert(
+          lambda _: _padding_example(pad_size, label_pad_size)))
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+  ds = ds.prefetch(max(int(d.prefetch), 1))
+  return ds.with_options(_options())
+
+
+# ---------------------------------------------------------------------------------------------
+# Global arrays.
+
+
+def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = ('data', 'fsdp')) -> NamedSharding:
+  """Leading (batch) dimension split over the mesh's data axes, the rest replicated."""
+  axes = tuple(a for a in data_axes if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes or None))
+
+
+def make_global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
+                      data_axes: Sequence[str] = ('data', 'fsdp')) -> dict[str, jax.Array]:
+  """Host batch (numpy, leading dim = this process's rows) -> global `jax.Array`s.
+
+  The global batch is the concatenation of every process's rows in process order. Non-numeric
+  entries (strings) are dropped: they cannot live on devices.
+  """
+  sharding = batch_sharding(mesh, data_axes)
+  out = {}
+  for key, value in host_batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind not in 'biuf':
+      continue
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def global_batches(tf_dataset: Iterable[Any], mesh: Mesh,
+                   data_axes: Sequence[str] = ('data', 'fsdp'),
+                   prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Iterates a host-batch dataset as global arrays, keeping `prefetch` batches on device ahead."""
+  if isinstance(tf_dataset, tf.data.Dataset):
+    iterator = tf_dataset.as_numpy_iterator()
+  else:
+    iterator = iter(tf_dataset)
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(make_global_batch(batch, mesh, data_axes))
+
+  enqueue(prefetch + 1)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
