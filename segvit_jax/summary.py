@@ -345,27 +345,32 @@ def summarize(config: ml_collections.ConfigDict,
   }
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
-_IMAGE_SIZE = flags.DEFINE_list(
-    'image_size', None, 'Input H,W for the FLOP count; default config.model.img_size. The head '
-    'still works at img_size internally (masks, semantic inference). The official code needs a '
-    'square token grid; the count at other shapes is that of this port.')
+def _define_flags():
+  # Defined when run as a program only, so that importing this module next to other CLIs
+  # (predict, convert) in one process does not redefine --config.
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+  flags.DEFINE_list(
+      'image_size', None, 'Input H,W for the FLOP count; default config.model.img_size. The head '
+      'still works at img_size internally (masks, semantic inference). The official code needs a '
+      'square token grid; the count at other shapes is that of this port.')
+  return config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                         lock_config=True)
 
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
+  config = flags.FLAGS['config'].value
+  image_size = flags.FLAGS['image_size'].value
+  if config is None:
     raise app.UsageError('Pass --config=configs/<name>.py.')
   image_hw = None
-  if _IMAGE_SIZE.value is not None:
-    if len(_IMAGE_SIZE.value) != 2:
-      raise app.UsageError(f'--image_size wants H,W; got {",".join(_IMAGE_SIZE.value)!r}.')
-    image_hw = tuple(int(v) for v in _IMAGE_SIZE.value)
-  result = summarize(_CONFIG.value, image_hw)
+  if image_size is not None:
+    if len(image_size) != 2:
+      raise app.UsageError(f'--image_size wants H,W; got {",".join(image_size)!r}.')
+    image_hw = tuple(int(v) for v in image_size)
+  result = summarize(config, image_hw)
   result['config'] = flags.FLAGS['config'].config_filename
-  if _JSON.value:
+  if flags.FLAGS['json'].value:
     print(json.dumps(result, sort_keys=True))
     return
   p = result['params']
@@ -381,4 +386,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

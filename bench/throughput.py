@@ -1,0 +1,636 @@
+r"""Training and inference throughput of a config, JAX next to the PyTorch reference model.
+
+  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --batch_size=2 --torch
+  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --dtypes=bfloat16 --torch
+  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --breakdown   # where time goes
+
+Measured at the config's crop size (config.model.img_size), random weights, batch `--batch_size`:
+- compile time of the jitted train step, forward and sliding-window prediction (JAX);
+- training step (model + ATM loss + AdamW with clipping, as the trainer does it): median seconds
+  and images/s. Labels are ADE-like: 16 classes per image in rectangular regions, 5% ignore
+  (the official loss works per present class, so uniformly random labels would favour JAX);
+- inference on the whole crop (the model's eval forward) and sliding-window prediction of
+  `--slide_size` images (ADE val after the 512 test resize: 512x683, i.e. 2 windows of 512 at
+  stride 341) including the resize to the original size, softmax and argmax;
+- peak host memory (max RSS of the measuring process) and peak device memory where the device
+  reports it (`memory_stats()`: GPU / TPU);
+- achieved FLOP/s from `segvit_jax.summary`'s analytic count of the forward pass (fvcore
+  convention there: a multiply-add is one FLOP; here multiply-adds count 2, LayerNorm and upsampling
+  as counted), training = 3x forward (the usual forward + 2x backward convention; loss and
+  optimizer not counted), sliding window = windows x forward of one crop. MFU is printed where the
+  device's dense bf16 peak is known (H100 SXM / H200 989, H100 PCIe 756 TFLOP/s; TPU v4 275,
+  v5e 197); for float32 runs it is still relative to that bf16 peak.
+
+With `--torch`, the same measurements of `tests/torch_reference.py` (the official modules, eager
+PyTorch, `torch.set_num_threads` = the cores JAX gets; bfloat16 = `torch.autocast`) follow, side
+by side, with the ratio PyTorch time / JAX time (> 1: JAX is faster). Each framework runs in its own
+subprocess pinned to the same `--threads` cores, so neither's thread pool competes with the other
+and the memory peaks are separate.
+
+`--xla_flags=...` sets XLA_FLAGS for the JAX worker (experiments with XLA CPU options);
+`--breakdown` times the parts of the train step separately (backbone forward / backward, head,
+loss, optimizer) in both frameworks.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/*.py import segvit_jax
+
+# Own flag registry: `segvit_jax.summary` defines --config / --json on the global one at import.
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False,
+                                          flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer('batch_size', 2, 'Batch size of every measurement.',
+                              flag_values=FLAGS)
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes: float32, bfloat16.',
+                            flag_values=FLAGS)
+_TORCH = flags.DEFINE_bool('torch', False, 'Also measure the PyTorch reference model.',
+                           flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed repetitions of each measurement (median).',
+                              flag_values=FLAGS)
+_THREADS = flags.DEFINE_integer('threads', 0, 'CPU cores for each framework (0: all available).',
+                                flag_values=FLAGS)
+_SLIDE = flags.DEFINE_list('slide_size', ['512', '683'], 'H,W of the sliding-window images.',
+                           flag_values=FLAGS)
+_XLA_FLAGS = flags.DEFINE_string('xla_flags', None, 'XLA_FLAGS for the JAX worker.',
+                                 flag_values=FLAGS)
+_BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Time the parts of the train step.',
+                               flag_values=FLAGS)
+_SKIP = flags.DEFINE_list('skip', [], 'Measurements to skip: train, infer, slide.',
+                          flag_values=FLAGS)
+_JSON = flags.DEFINE_string('json', None, 'Also write all results to this JSON file.',
+                            flag_values=FLAGS)
+_WORKER = flags.DEFINE_enum('worker', None, ['jax', 'torch'], 'Internal: run one framework.',
+                            flag_values=FLAGS)
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Internal: the worker dtype.',
+                             flag_values=FLAGS)
+
+# Dense bf16 peak FLOP/s by device kind substring.
+PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('TPU v4', 275e12),
+              ('TPU v5 lite', 197e12), ('TPU v5e', 197e12))
+RESULT_PREFIX = 'RESULT '
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers.
+
+
+def _pin_threads(threads: int) -> int:
+  """Restricts this process to `threads` cores (0: all it has); returns the count."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads and threads < len(cores):
+    cores = cores[:threads]
+    os.sched_setaffinity(0, cores)
+  return len(cores)
+
+
+def _peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
+  """Seconds of the first call (warm-up) and the median of `steps` more; fn must block.
+
+  'cpu_median_s' is the process CPU time (all threads) of the median call: on a machine shared
+  with other jobs it varies less than wall time (but counts a thread pool's spin-waiting).
+  """
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  times, cpu = [], []
+  for _ in range(steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return {'first_s': first, 'median_s': float(np.median(times)), 'min_s': float(np.min(times)),
+          'times_s': times, 'cpu_median_s': float(np.median(cpu))}
+
+
+def ade_like_labels(rng: np.random.Generator, batch: int, h: int, w: int, k: int,
+                    classes: int = 16, ignore: float = 0.05) -> np.ndarray:
+  """(B, H, W) int32: `classes` random classes per image on a 4x4 grid of uneven rectangles."""
+  out = np.empty((batch, h, w), np.int32)
+  for b in range(batch):
+    rows = np.sort(rng.choice(np.arange(1, h), 3, replace=False))
+    cols = np.sort(rng.choice(np.arange(1, w), 3, replace=False))
+    ids = rng.choice(k, min(classes, k), replace=False)
+    row_of = np.searchsorted(rows, np.arange(h), side='right')
+    col_of = np.searchsorted(cols, np.arange(w), side='right')
+    out[b] = ids[(row_of[:, None] * 4 + col_of[None, :]) % len(ids)]
+  out[rng.random(out.shape) < ignore] = 255
+  return out
+
+
+def slide_windows(size, crop, stride) -> int:
+  """mmseg's number of sliding windows over an (h, w) image."""
+  n = 1
+  for s, c, st in zip(size, crop, stride):
+    n *= max(s - c + st - 1, 0) // st + 1
+  return n
+
+
+def forward_flops(config, image_hw) -> float:
+  """FLOPs of one image's eval forward: 2 per multiply-add, norms and upsampling as counted."""
+  from segvit_jax import summary  # pylint: disable=g-import-not-at-top
+  breakdown = summary.model_flops(config.model, tuple(image_hw), batch=1)
+  return (2 * summary.total_flops(breakdown, ('matmul',))
+          + summary.total_flops(breakdown, ('norm', 'upsample')))
+
+
+def _cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown CPU'
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX worker.
+
+
+def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from segvit_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from segvit_jax import losses  # pylint: disable=g-import-not-at-top
+  from segvit_jax import optim  # pylint: disable=g-import-not-at-top
+  from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
+
+  config.model.dtype = dtype
+  model = segvit.build_model(config.model)
+  tx, _ = optim.make_optimizer(config)
+  h, w = config.model.img_size
+  k = config.model.num_classes
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, size=(batch, h, w, 3)), jnp.float32)
+  labels = jnp.asarray(ade_like_labels(rng, batch, h, w, k))
+  device = jax.devices()[0]
+  out: Dict[str, Any] = {'framework': 'jax', 'version': jax.__version__,
+                         'device': device.device_kind, 'platform': device.platform,
+                         'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  params = jax.jit(lambda key: nn.unbox(model.init(
+      {'params': key}, jnp.zeros((1, h, w, 3)), train=False))['params'])(jax.random.key(0))
+  jax.block_until_ready(params)
+  out['init_s'] = time.perf_counter() - t0
+
+  def loss_fn(p, x, y, step):
+    outputs = model.apply({'params': p}, x, train=True,
+                          rngs={'dropout': jax.random.fold_in(jax.random.key(1), step)})
+    return losses.atm_loss(outputs, y, num_classes=k, **config.loss)[0]
+
+  def compile_(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, **kwargs).lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    try:  # XLA's buffer plan: the temporaries one call needs besides its arguments and outputs
+      memory = compiled.memory_analysis()
+      out.setdefault('temp_mib', {})[getattr(fn, '__name__', 'fn')] = (
+          memory.temp_size_in_bytes / 2**20)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    return compiled, seconds
+
+  if 'train' not in skip:
+    def train_step(p, opt_state, x, y, step):
+      loss, grads = jax.value_and_grad(loss_fn)(p, x, y, step)
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return jax.tree.map(jnp.add, p, updates), opt_state, loss
+
+    opt_state = jax.jit(tx.init)(params)
+    step_fn, out['compile_train_s'] = compile_(train_step, params, opt_state, images, labels, 0,
+                                               donate_argnums=(0, 1))
+    state = {'p': params, 'o': opt_state, 'i': 0}
+
+    def one_step():
+      state['p'], state['o'], loss = step_fn(state['p'], state['o'], images, labels, state['i'])
+      state['i'] += 1
+      out['last_loss'] = float(loss)  # blocks
+
+    t = _timed(one_step, steps)
+    out['train'] = t
+    params = state['p']
+    del state
+    if breakdown:
+      out['breakdown'] = _jax_breakdown(model, tx, params, images, labels, config, steps)
+
+  variables = {'params': params}
+  if 'infer' not in skip:
+    def forward(v, x):
+      return model.apply(v, x, train=False)
+
+    fwd, out['compile_infer_s'] = compile_(forward, variables, images)
+    out['infer'] = _timed(lambda: fwd(variables, images).block_until_ready(), steps)
+
+  if 'slide' not in skip:
+    sh, sw = slide_hw
+    slide_images = jnp.asarray(rng.uniform(-1, 1, size=(batch, sh, sw, 3)), jnp.float32)
+    sizes = jnp.asarray([[sh, sw]] * batch, jnp.int32)
+    batch_ = {'image': slide_images, 'image_size': sizes, 'label_size': sizes}
+
+    def slide(v, b):
+      probs = evaluate.predict_probs(
+          lambda x: model.apply(v, x, train=False), b, eval_config=config.eval, num_classes=k,
+          output_shape=(sh, sw))
+      return jnp.argmax(probs, -1)
+
+    slide_fn, out['compile_slide_s'] = compile_(slide, variables, batch_)
+    out['slide'] = _timed(lambda: slide_fn(variables, batch_).block_until_ready(), steps)
+
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
+  out['peak_rss_mib'] = _peak_rss_mib()
+  return out
+
+
+def _jax_breakdown(model, tx, params, images, labels, config, steps):
+  """Seconds of the parts of a train step, each jitted on its own."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from segvit_jax import losses  # pylint: disable=g-import-not-at-top
+  k = config.model.num_classes
+  rngs = {'dropout': jax.random.key(1)}
+  backbone_params = params['backbone']
+  # The backbone alone, with the model's own settings (the model has no backbone-only method).
+  from segvit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  c = config.model
+  vit_module = vit.VisionTransformer(
+      img_size=tuple(c.img_size), patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+      num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_indices=tuple(c.out_indices),
+      drop_path_rate=c.drop_path_rate,
+      shrink_index=c.shrink_index if c.name == 'segvit_shrunk' else -1, remat=c.remat,
+      dtype=jnp.dtype(c.dtype))
+
+  def backbone_fwd(bp, x):
+    return vit_module.apply({'params': bp}, x, train=True, rngs=rngs)
+
+  def backbone_fwd_bwd(bp, x):
+    taps, vjp = jax.vjp(lambda p: backbone_fwd(p, x), bp)
+    return vjp(jax.tree.map(jnp.ones_like, taps))
+
+  def full_outputs(p, x):
+    return model.apply({'params': p}, x, train=True, rngs=rngs)
+
+  outputs = jax.jit(full_outputs)(params, images)
+
+  def loss_only(outs, y):
+    return losses.atm_loss(outs, y, num_classes=k, **config.loss)[0]
+
+  def loss_grad(outs, y):
+    return jax.grad(loss_only)(outs, y)
+
+  grads = jax.tree.map(jnp.ones_like, params)  # the update's cost does not depend on values
+  opt_state = jax.jit(tx.init)(params)
+
+  def opt_update(g, s, p):
+    updates, s = tx.update(g, s, p)
+    return jax.tree.map(jnp.add, p, updates), s
+
+  parts = {
+      'backbone_fwd': (backbone_fwd, (backbone_params, images)),
+      'backbone_fwd_bwd': (backbone_fwd_bwd, (backbone_params, images)),
+      'model_fwd_train': (full_outputs, (params, images)),
+      'model_fwd_bwd': (lambda p, x: jax.vjp(lambda q: full_outputs(q, x), p)[1](
+          jax.tree.map(jnp.ones_like, outputs)), (params, images)),
+      'loss_fwd': (loss_only, (outputs, labels)),
+      'loss_fwd_bwd': (loss_grad, (outputs, labels)),
+      'optimizer': (opt_update, (grads, opt_state, params)),
+  }
+  result = {}
+  for name, (fn, args) in parts.items():
+    compiled = jax.jit(fn).lower(*args).compile()
+    t = _timed(lambda: jax.block_until_ready(compiled(*args)), steps)
+    result[name] = [t['median_s'], t['cpu_median_s']]
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch worker.
+
+
+def _torch_model(config):
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  c = config.model
+  if c.img_size[0] != c.img_size[1] or c.patch_size != 16:
+    raise ValueError('The PyTorch reference supports square img_size and patch 16 only; got '
+                     f'img_size {tuple(c.img_size)}, patch {c.patch_size}.')
+  shrunk = c.name == 'segvit_shrunk'
+  if not shrunk and c.use_stages != len(c.out_indices):
+    raise ValueError('The PyTorch reference uses every out_index as a stage; config has '
+                     f'use_stages={c.use_stages}, out_indices={tuple(c.out_indices)}.')
+  model = torch_reference.build(
+      'shrunk' if shrunk else 'plain', img_size=c.img_size[0], embed_dims=c.embed_dim,
+      num_layers=c.depth, num_heads=c.num_heads, out_indices=tuple(c.out_indices),
+      decoder_dims=c.decoder_dim, decoder_heads=c.decoder_heads, decoder_layers=c.decoder_layers,
+      num_classes=c.num_classes, shrink_idx=c.shrink_index, mlp_ratio=c.mlp_ratio,
+      dropout=c.decoder_dropout, drop_path_rate=c.drop_path_rate)
+  return model, torch_reference
+
+
+def run_torch(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool,
+              threads: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model, ref = _torch_model(config)
+  h, w = config.model.img_size
+  k = config.model.num_classes
+  rng = np.random.default_rng(0)
+  images = torch.from_numpy(rng.uniform(-1, 1, size=(batch, 3, h, w)).astype(np.float32))
+  labels = torch.from_numpy(ade_like_labels(rng, batch, h, w, k).astype(np.int64))
+  autocast = dtype == 'bfloat16'
+  out: Dict[str, Any] = {'framework': 'torch', 'version': torch.__version__,
+                         'threads': torch.get_num_threads(), 'device': 'cpu'}
+  lc = config.loss
+  o = config.optim
+
+  def amp():
+    return torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast)
+
+  def loss_of(outputs):
+    terms = ref.atm_loss(outputs, labels, k, eos_coef=lc.no_object_weight,
+                         cls_weight=lc.cls_weight, mask_weight=lc.mask_weight,
+                         dice_weight=lc.dice_weight)
+    return sum(terms.values())
+
+  if 'train' not in skip:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                            weight_decay=o.weight_decay)
+
+    def one_step():
+      opt.zero_grad(set_to_none=True)
+      with amp():
+        outputs = model.forward_all(images)
+        loss = loss_of(outputs)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+      opt.step()
+      out['last_loss'] = float(loss)
+
+    out['train'] = _timed(one_step, steps)
+    if breakdown:
+      out['breakdown'] = _torch_breakdown(model, images, labels, loss_of, amp, opt, steps)
+
+  model.eval()
+  if 'infer' not in skip:
+    def infer():
+      with torch.inference_mode(), amp():
+        model.forward_all(images)['scores']
+    out['infer'] = _timed(infer, steps)
+
+  if 'slide' not in skip:
+    sh, sw = slide_hw
+    slide_images = torch.from_numpy(rng.uniform(-1, 1, size=(batch, 3, sh, sw)).astype(np.float32))
+    crop = tuple(config.eval.crop_size)
+    stride = tuple(config.eval.stride)
+
+    def slide():  # mmseg's slide_inference, then resize (identity here), softmax, argmax
+      with torch.inference_mode(), amp():
+        grid_h = max(sh - crop[0] + stride[0] - 1, 0) // stride[0] + 1
+        grid_w = max(sw - crop[1] + stride[1] - 1, 0) // stride[1] + 1
+        preds = slide_images.new_zeros((batch, k, sh, sw))
+        count = slide_images.new_zeros((batch, 1, sh, sw))
+        for i in range(grid_h):
+          for j in range(grid_w):
+            y1 = max(min(i * stride[0], sh - crop[0]), 0)
+            x1 = max(min(j * stride[1], sw - crop[1]), 0)
+            y2, x2 = min(y1 + crop[0], sh), min(x1 + crop[1], sw)
+            scores = model.forward_all(slide_images[:, :, y1:y2, x1:x2])['scores']
+            preds[:, :, y1:y2, x1:x2] += scores.float()
+            count[:, :, y1:y2, x1:x2] += 1
+        probs = F.softmax(F.interpolate(preds / count, size=(sh, sw), mode='bilinear',
+                                        align_corners=False), dim=1)
+        probs.argmax(1)
+    out['slide'] = _timed(slide, steps)
+  out['peak_rss_mib'] = _peak_rss_mib()
+  return out
+
+
+def _torch_breakdown(model, images, labels, loss_of, amp, opt, steps):
+  import torch  # pylint: disable=g-import-not-at-top
+  result = {}
+
+  def backbone_fwd():
+    with torch.no_grad(), amp():
+      model.backbone(images)
+
+  def backbone_fwd_bwd():
+    with amp():
+      taps, _ = model.backbone(images)
+    sum(t.float().sum() for t in taps).backward()
+    model.zero_grad(set_to_none=True)
+
+  def model_fwd_train():
+    with torch.no_grad(), amp():
+      model.forward_all(images)
+
+  def model_fwd_bwd():
+    with amp():
+      out = model.forward_all(images)
+      total = out['pred_logits'].float().sum() + out['pred_masks'].float().sum() + sum(
+          a['pred_logits'].float().sum() + a['pred_masks'].float().sum()
+          for a in out['aux_outputs'])
+    total.backward()
+    model.zero_grad(set_to_none=True)
+
+  with torch.no_grad(), amp():
+    detached = model.forward_all(images)
+
+  def leaf(t):
+    return t.detach().float().requires_grad_(True)
+
+  def loss_fwd():
+    with torch.no_grad(), amp():
+      loss_of(detached)
+
+  def loss_fwd_bwd():
+    outs = {'pred_logits': leaf(detached['pred_logits']),
+            'pred_masks': leaf(detached['pred_masks']),
+            'aux_outputs': [{k: leaf(v) for k, v in a.items()} for a in detached['aux_outputs']]}
+    with amp():
+      loss = loss_of(outs)
+    loss.backward()
+
+  def optimizer():
+    for p in model.parameters():
+      p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
+    opt.step()
+
+  for name, fn in (('backbone_fwd', backbone_fwd), ('backbone_fwd_bwd', backbone_fwd_bwd),
+                   ('model_fwd_train', model_fwd_train), ('model_fwd_bwd', model_fwd_bwd),
+                   ('loss_fwd', loss_fwd), ('loss_fwd_bwd', loss_fwd_bwd),
+                   ('optimizer', optimizer)):
+    t = _timed(fn, steps)
+    result[name] = [t['median_s'], t['cpu_median_s']]
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent: one worker per framework and dtype, then the table.
+
+
+def _worker_command(framework: str, dtype: str) -> List[str]:
+  passthrough = [a for a in sys.argv[1:] if not a.startswith(('--worker', '--dtype=', '--dtypes',
+                                                          '--torch', '--notorch', '--json'))]
+  return [sys.executable, os.path.abspath(__file__), *passthrough, f'--worker={framework}',
+          f'--dtype={dtype}']
+
+
+def _run_worker(framework: str, dtype: str) -> Dict[str, Any]:
+  env = dict(os.environ)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  if framework == 'jax' and _XLA_FLAGS.value is not None:
+    env['XLA_FLAGS'] = _XLA_FLAGS.value
+  cmd = _worker_command(framework, dtype)
+  print(f'[{framework} {dtype}] running...', file=sys.stderr, flush=True)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  raise RuntimeError(f'{framework} worker ({dtype}) failed with status {proc.returncode}:\n'
+                     f'{proc.stderr[-4000:]}')
+
+
+def _derived(result: Dict[str, Any], config, batch: int, slide_hw) -> Dict[str, Any]:
+  """images/s, FLOP/s and MFU of a worker's raw timings."""
+  fwd = forward_flops(config, config.model.img_size)
+  windows = slide_windows(slide_hw, config.eval.crop_size, config.eval.stride)
+  peak = next((p for name, p in PEAK_FLOPS if name in result.get('device', '')), None)
+  d = {}
+  for key, flops_per_image in (('train', 3 * fwd), ('infer', fwd), ('slide', windows * fwd)):
+    if key in result:
+      s = result[key]['median_s']
+      d[f'{key}_s'] = s
+      d[f'{key}_images_per_s'] = batch / s
+      d[f'{key}_tflops'] = flops_per_image * batch / s / 1e12
+      if peak:
+        d[f'{key}_mfu'] = flops_per_image * batch / s / peak
+  return d
+
+
+def _fmt(v, spec='.3g') -> str:
+  return '-' if v is None else format(v, spec)
+
+
+def _table(config, batch, dtype, slide_hw, jax_r, torch_r) -> str:
+  jd = _derived(jax_r, config, batch, slide_hw)
+  td = _derived(torch_r, config, batch, slide_hw) if torch_r else {}
+  rows = [
+      ('compile train step (s)', jax_r.get('compile_train_s'), None, False),
+      ('compile forward (s)', jax_r.get('compile_infer_s'), None, False),
+      ('compile slide (s)', jax_r.get('compile_slide_s'), None, False),
+      ('train: first step (s)', jax_r.get('train', {}).get('first_s'),
+       torch_r and torch_r.get('train', {}).get('first_s'), True),
+      ('train step (s)', jd.get('train_s'), td.get('train_s'), True),
+      ('train step, process CPU (s)', jax_r.get('train', {}).get('cpu_median_s'),
+       torch_r and torch_r.get('train', {}).get('cpu_median_s'), True),
+      ('train images/s', jd.get('train_images_per_s'), td.get('train_images_per_s'), False),
+      ('train TFLOP/s (3x fwd)', jd.get('train_tflops'), td.get('train_tflops'), False),
+      ('inference, whole crop (s/batch)', jd.get('infer_s'), td.get('infer_s'), True),
+      ('inference, process CPU (s)', jax_r.get('infer', {}).get('cpu_median_s'),
+       torch_r and torch_r.get('infer', {}).get('cpu_median_s'), True),
+      ('inference images/s', jd.get('infer_images_per_s'), td.get('infer_images_per_s'), False),
+      ('inference TFLOP/s', jd.get('infer_tflops'), td.get('infer_tflops'), False),
+      (f'slide {slide_hw[0]}x{slide_hw[1]} (s/batch)', jd.get('slide_s'), td.get('slide_s'),
+       True),
+      ('slide, process CPU (s)', jax_r.get('slide', {}).get('cpu_median_s'),
+       torch_r and torch_r.get('slide', {}).get('cpu_median_s'), True),
+      ('slide images/s', jd.get('slide_images_per_s'), td.get('slide_images_per_s'), False),
+      ('peak host RSS (MiB)', jax_r.get('peak_rss_mib'), torch_r and torch_r.get('peak_rss_mib'),
+       False),
+      ('peak device memory (MiB)', jax_r.get('device_peak_mib'), None, False),
+  ] + [(f'XLA temporaries, {name} (MiB)', mib, None, False)
+       for name, mib in jax_r.get('temp_mib', {}).items()]
+  if 'train_mfu' in jd:
+    rows.append(('MFU train (vs dense bf16 peak)', jd['train_mfu'], None, False))
+    rows.append(('MFU inference', jd.get('infer_mfu'), None, False))
+    rows.append(('MFU slide', jd.get('slide_mfu'), None, False))
+  lines = [f'{"":34s} {"JAX":>10s} {"PyTorch":>10s} {"PyTorch/JAX":>12s}']
+  for name, j, t, is_time in rows:
+    ratio = (t / j) if (is_time and j and t) else ((j / t) if (not is_time and j and t and
+                                                                'images/s' in name) else None)
+    lines.append(f'{name:34s} {_fmt(j):>10s} {_fmt(t):>10s} {_fmt(ratio, ".2f"):>12s}')
+  for label, r in (('JAX', jax_r), ('PyTorch', torch_r)):
+    if r and 'breakdown' in r:
+      parts = ', '.join(f'{k} {v[0]:.3f}/{v[1]:.3f}' for k, v in r['breakdown'].items())
+      lines.append(f'{label} train-step parts (wall/CPU s): {parts}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv  # everything is in FLAGS
+  config = _CONFIG.value
+  if config is None:
+    raise flags.Error('Pass --config=configs/<name>.py.')
+  slide_hw = tuple(int(s) for s in _SLIDE.value)
+  batch = _BATCH.value
+  if _WORKER.value:
+    threads = _pin_threads(_THREADS.value)
+    load_start = os.getloadavg()[0]
+    if _WORKER.value == 'jax':
+      result = run_jax(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
+                       _BREAKDOWN.value)
+    else:
+      result = run_torch(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
+                         _BREAKDOWN.value, threads)
+    result['threads'] = threads
+    result['load_average'] = [load_start, os.getloadavg()[0]]  # 1-minute, at start and end
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return
+
+  threads = _THREADS.value or len(os.sched_getaffinity(0))
+  m = config.model
+  header = (f'{m.name} embed {m.embed_dim} depth {m.depth}, crop {tuple(m.img_size)}, '
+            f'K={m.num_classes}, batch {batch}; {threads} threads of {_cpu_name()}; '
+            f'load average {os.getloadavg()[0]:.2f}')
+  print(header)
+  print(f'forward GFLOPs per image (summary, 2 per multiply-add): '
+        f'{forward_flops(config, m.img_size) / 1e9:.1f}')
+  all_results = {'header': header, 'command': ' '.join(sys.argv), 'runs': []}
+  for dtype in _DTYPES.value:
+    jax_r = _run_worker('jax', dtype)
+    torch_r = _run_worker('torch', dtype) if _TORCH.value else None
+    loads = jax_r['load_average'] + (torch_r['load_average'] if torch_r else [])
+    print(f'\n== {dtype} on {jax_r["device"]} (jax {jax_r["version"]}'
+          + (f', torch {torch_r["version"]}' if torch_r else '')
+          + f'; 1-min load average {min(loads):.1f}..{max(loads):.1f}'
+          + (f', XLA_FLAGS={jax_r["xla_flags"]}' if jax_r['xla_flags'] else '') + ')')
+    print(_table(config, batch, dtype, slide_hw, jax_r, torch_r), flush=True)
+    all_results['runs'].append({'dtype': dtype, 'jax': jax_r, 'torch': torch_r,
+                                'jax_derived': _derived(jax_r, config, batch, slide_hw),
+                                'torch_derived': torch_r and _derived(torch_r, config, batch,
+                                                                      slide_hw)})
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(all_results, f, indent=2)
+
+
+if __name__ == '__main__':
+  try:
+    main(FLAGS(sys.argv))
+  except flags.Error as e:
+    sys.exit(f'{e}\n{__doc__}')

@@ -1,0 +1,673 @@
+r"""Semantic segmentation of image files with a trained or converted SegViT.
+
+    python -m segvit_jax.predict --checkpoint=/tmp/ade_vitb photos/ street.jpg --output=/tmp/out
+    python -m segvit_jax.predict --checkpoint=runs/demo val/ --output=/tmp/out --tta --scores
+
+CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
+latest step; the config comes from WORKDIR/config.json unless `--config` is given). INPUTs are
+image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
+.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp). For every image, OUTPUT gets
+
+  labels/<name>.png     class indices at the image's own resolution (8-bit grey PNG when the model
+                        has at most 256 classes, 16-bit otherwise); read back with
+                        `np.asarray(PIL.Image.open(path))`
+  overlays/<name>.png   the image blended 50 / 50 with the checkpoint's class colours
+  scores/<name>.npy     with --scores: (H, W, K) class probabilities (float16 unless
+                        --scores_dtype=float32), what the labels are the argmax of
+
+where <name> is the file's path relative to the folder it was found in (or its bare name).
+Inference is evaluation's (`evaluate.predict_probs`): the config's test resize, sliding windows
+(or the whole image, as config.eval.mode says), bilinear resize of the scores to the original size,
+softmax; `--tta` adds the config's multi-scale ratios and horizontal flips.
+
+Speed: images are decoded and test-resized on the host, padded to a shape bucket (each side
+rounded up to a multiple of `--bucket`; default the window size in 'slide' mode, where the
+padding costs no model calls, and `config.dataset.eval_bucket` in 'whole' mode) and batched with
+images of the same bucket, so a folder of differently sized images compiles once per bucket, not
+per image. Results are fetched one batch behind the dispatch, so decoding and writing overlap the
+device's work.
+
+An unreadable file (not an image, truncated, ...) is reported by name and skipped; everything
+else is still written. Exit status: 0 when at least one image was segmented (skipped files are
+listed in the log and the summary), 1 when none was (no inputs found, or all unreadable).
+
+Notebooks:
+    from segvit_jax import predict
+    predictor = predict.load('/tmp/ade_vitb')         # load once, compile once per bucket
+    results = predict.segment(['a.jpg', pil_image, uint8_array], predictor, tta=False)
+    results[0]['labels']    # (H, W) int32; 'overlay' (H, W, 3) uint8; 'scores' with scores=True
+Unreadable inputs give None in `results` (and a warning naming them).
+
+Memory: the scores are resized to the original resolution in-graph, as in evaluation, so one
+image costs H * W * K * 4 bytes of device memory there (a 12-megapixel photo with 150 classes:
+about 7 GB); downscale very large photos before predicting if that is too much.
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from segvit_jax import config_base
+from segvit_jax import evaluate
+from segvit_jax import palettes
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+# Side multiple of the original-resolution output bucket: few distinct output shapes.
+DEFAULT_OUTPUT_BUCKET = 256
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a checkpoint.
+
+
+def _parse_flat_value(value: Any, default: Any) -> Any:
+  # train.py writes tuples and None as their repr; strings stay strings where the default is one.
+  if isinstance(value, str) and not isinstance(default, str):
+    try:
+      return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      return value
+  return value
+
+
+def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A full config from a workdir's config.json: flat dotted keys (train.py) or nested.
+
+  Keys absent from the file keep `config_base.get_base_config()`'s defaults.
+  """
+  config = config_base.get_base_config().to_dict()
+  flat = {}
+  for key, value in data.items():
+    if isinstance(value, Mapping):  # nested layout
+      flat.update({f'{key}.{k}': v for k, v in _flatten(value).items()})
+    else:
+      flat[key] = value
+  for dotted, value in flat.items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = _parse_flat_value(value, node.get(leaf))
+  return ml_collections.ConfigDict(config)
+
+
+def _flatten(tree: Mapping[str, Any]) -> Dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update({f'{k}.{kk}': vv for kk, vv in _flatten(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  if path.endswith('.json'):
+    with open(path) as f:
+      return config_from_json(json.load(f))
+  spec = importlib.util.spec_from_file_location('_predict_config', path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f'--config={path}: expected a configs/*.py file or a config.json.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _restore_training_params(root: str, config: ml_collections.ConfigDict, model):
+  """The params of the latest step under `root` (Orbax), without reading the optimizer state."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint_lib.Checkpointer(root, async_save=False, read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f'{root} has no finished checkpoint step.')
+  _, abstract = convert.abstract_variables(config.model)
+  item = {'params': abstract['params']}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(root, options=options) as manager:
+    try:
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'The params of {root}/{step} do not fit config.model (embed_dim '
+                       f'{config.model.embed_dim}, depth {config.model.depth}, '
+                       f'{config.model.num_classes} classes): {e}') from e
+  logging.info('Restored params of training checkpoint %s, step %d.', root, step)
+  return restored['params']
+
+
+def load_checkpoint(path: str, config: Optional[Any] = None):
+  """(model, variables, config) of a converted directory or a training workdir.
+
+  Args:
+    path: a `segvit_jax.convert` output, a training workdir, or its `checkpoints/` folder.
+    config: a ConfigDict or a config file (configs/*.py or a config.json) to use instead of
+      the one stored with the checkpoint (required for a workdir without config.json).
+  """
+  from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
+  from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
+  if isinstance(config, str):
+    config = _load_config_file(config)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--checkpoint={path!r} is not a directory (expected a '
+                            'segvit_jax.convert output or a training workdir).')
+  if convert.is_converted_dir(path):
+    if config is None:
+      return convert.load_converted(path)
+    model, abstract = convert.abstract_variables(config.model)
+    params = convert.restore_params(path, abstract['params'])
+    return model, {'params': jax.tree.map(jnp.asarray, params)}, config
+  root = checkpoint_lib.training_checkpoint_root(path)
+  if root is None:
+    raise FileNotFoundError(
+        f'--checkpoint={path!r} is neither a segvit_jax.convert output (params/ and '
+        'config.json) nor a training workdir (checkpoints/<step>/).')
+  if config is None:
+    candidates = [os.path.join(path, 'config.json'),
+                  os.path.join(os.path.dirname(os.path.abspath(root)), 'config.json')]
+    found = [c for c in candidates if os.path.isfile(c)]
+    if not found:
+      raise FileNotFoundError(f'No config.json in {path!r}: pass --config=configs/<name>.py '
+                              '(the config the run was trained with).')
+    with open(found[0]) as f:
+      config = config_from_json(json.load(f))
+  model = segvit.build_model(config.model)
+  params = _restore_training_params(root, config, model)
+  return model, {'params': jax.tree.map(jnp.asarray, params)}, config
+
+
+def checkpoint_palette(config: ml_collections.ConfigDict) -> np.ndarray:
+  """(K, 3) uint8: the palette stored with a converted checkpoint, else the dataset's."""
+  k = int(config.model.num_classes)
+  stored = config.get('convert', {}).get('palette', ()) if 'convert' in config else ()
+  if stored and len(stored) == k:
+    return np.asarray(stored, np.uint8).reshape(k, 3)
+  try:
+    return palettes.palette(config.dataset.name, k)
+  except ValueError:
+    return palettes.color_table(k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side preprocessing: mmseg's test resize (OpenCV arithmetic), as the eval pipeline does it.
+
+
+def test_resize_size(hw: Tuple[int, int], img_scale: Sequence[int],
+                     min_size: int = 0) -> Tuple[int, int]:
+  """mmseg Resize(keep_ratio=True) size of an (h, w) image, mmcv's float64 arithmetic.
+
+  Same rule as `augment.rescale_size` (what evaluation's input pipeline uses) and
+  `evaluate.rescale_size` (integer version; may differ by one pixel at exact .5 ties).
+  """
+  h, w = float(hw[0]), float(hw[1])
+  s0, s1 = float(img_scale[0]), float(img_scale[1])
+  if min_size:
+    short = min(s0, s1)
+    new_short = float(min_size) if short < float(min_size) else short
+    s0, s1 = (new_short * h / w, new_short) if h > w else (new_short, new_short * w / h)
+  factor = min(max(s0, s1) / max(h, w), min(s0, s1) / min(h, w))
+  return int(np.floor(h * factor + 0.5)), int(np.floor(w * factor + 0.5))
+
+
+def _linear_taps(out_size: int, in_size: int):
+  """OpenCV INTER_LINEAR source taps (lo, hi, weight of hi) for every output position."""
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * (1.0 / (out_size / in_size)) - 0.5
+  lo = np.floor(src)
+  frac = src - lo
+  lo = lo.astype(np.int64)
+  frac[(lo < 0) | (lo >= in_size - 1)] = 0.0
+  frac = np.round(frac * 2048.0) / 2048.0  # OpenCV's 11-bit fixed-point weights for uint8
+  lo = np.clip(lo, 0, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  return lo, hi, frac.astype(np.float32)
+
+
+def resize_linear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """(H, W, 3) uint8 -> (h, w, 3) float32 integers: cv2.resize INTER_LINEAR (no antialiasing)."""
+  if tuple(image.shape[:2]) == tuple(size):
+    return image.astype(np.float32)
+  r_lo, r_hi, r_frac = _linear_taps(size[0], image.shape[0])
+  c_lo, c_hi, c_frac = _linear_taps(size[1], image.shape[1])
+  rows = np.unique(np.concatenate([r_lo, r_hi]))  # only the source rows the output needs
+  src = image[rows]
+  left = src[:, c_lo].astype(np.float32)
+  x = left + (src[:, c_hi].astype(np.float32) - left) * c_frac[None, :, None]
+  where = np.searchsorted(rows, r_lo), np.searchsorted(rows, r_hi)
+  top = x[where[0]]
+  y = top + (x[where[1]] - top) * r_frac[:, None, None]
+  return np.clip(np.floor(y + 0.5), 0.0, 255.0)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-int(x) // multiple) * multiple
+
+
+def read_image(source: Any) -> np.ndarray:
+  """(H, W, 3) uint8 RGB of a path, a PIL image or an array; EXIF orientation applied.
+
+  Raises OSError / ValueError (with the reason) for anything that is not a readable image.
+  """
+  if isinstance(source, np.ndarray):
+    arr = source
+    if arr.ndim == 2:
+      arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+      raise ValueError(f'an image array must be (H, W), (H, W, 3) or (H, W, 4); got {arr.shape}.')
+    if arr.dtype != np.uint8:
+      raise ValueError(f'an image array must be uint8 (0..255); got {arr.dtype}.')
+    return np.ascontiguousarray(arr[..., :3])
+  if isinstance(source, Image.Image):
+    image = source
+  else:
+    image = Image.open(source)
+    image.load()  # decode now: truncated files fail here, not later
+  image = ImageOps.exif_transpose(image)
+  arr = np.asarray(image.convert('RGB'), np.uint8)
+  if arr.ndim != 3 or min(arr.shape[:2]) < 1:
+    raise ValueError(f'decoded to an empty image {arr.shape}.')
+  return arr
+
+
+# ------------------------------------------------------------------------------------------------
+# The predictor: compiled functions per bucket.
+
+
+@dataclasses.dataclass
+class Prepared:
+  """One decoded, test-resized image waiting for its batch."""
+  index: int  # position in the input sequence
+  name: str
+  image: np.ndarray  # (H, W, 3) uint8, the original
+  model_input: np.ndarray  # (h, w, 3) float32, resized and normalised
+  key: Tuple[Tuple[int, int], Tuple[int, int]]  # (input bucket, output bucket)
+
+
+class Predictor:
+  """A model, its variables and config, and the compiled prediction function of every bucket.
+
+  Keep one around to predict repeatedly without recompiling (`segment(images, predictor)`).
+  """
+
+  def __init__(self, model, variables, config: ml_collections.ConfigDict, *,
+               source: str = '<memory>'):
+    self.model = model
+    self.config = config
+    self.source = source
+    self.num_classes = int(config.model.num_classes)
+    self.palette = checkpoint_palette(config)
+    self.variables = jax.device_put(variables)
+    self.compiled: Dict[Any, Any] = {}
+    self.compile_seconds = 0.0
+
+  # -- configuration ---------------------------------------------------------------------------
+
+  def eval_config(self, tta: bool) -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict(self.config.eval.to_dict())
+    if tta:
+      e.multi_scale = True
+      e.flip = True
+    return e
+
+  def input_bucket(self, size: Tuple[int, int], bucket: Optional[int]) -> Tuple[int, int]:
+    e = self.config.eval
+    if bucket is None:
+      if e.mode == 'slide':
+        multiples = tuple(int(s) for s in e.crop_size)
+      else:
+        m = int(self.config.dataset.get('eval_bucket', 64))
+        multiples = (m, m)
+    else:
+      multiples = (int(bucket), int(bucket))
+    patch = int(self.config.model.patch_size)
+    multiples = tuple(_round_up(m, patch) for m in multiples)  # 'whole' needs patch multiples
+    return _round_up(size[0], multiples[0]), _round_up(size[1], multiples[1])
+
+  def prepare(self, index: int, name: str, image: np.ndarray, bucket: Optional[int],
+              output_bucket: int) -> Prepared:
+    d = self.config.dataset
+    h, w = image.shape[:2]
+    size = test_resize_size((h, w), tuple(d.test_img_scale), int(d.get('test_min_size', 0)))
+    size = (max(size[0], 1), max(size[1], 1))
+    x = resize_linear(image, size)
+    mean, std = tuple(d.mean), tuple(d.std)
+    x = (x - np.asarray(mean, np.float32)) * np.asarray([1.0 / s for s in std], np.float32)
+    key = (self.input_bucket(size, bucket),
+           (_round_up(h, output_bucket), _round_up(w, output_bucket)))
+    return Prepared(index, name, image, x.astype(np.float32), key)
+
+  # -- the jitted function ---------------------------------------------------------------------
+
+  def _function(self, eval_config, output_shape, with_scores: bool) -> Callable[..., Any]:
+    model, k = self.model, self.num_classes
+    d = self.config.dataset
+    test_img_scale = tuple(int(s) for s in d.test_img_scale)
+    test_min_size = int(d.get('test_min_size', 0))
+    label_dtype = jnp.uint8 if k <= 256 else jnp.int32
+
+    def fn(variables, images, image_size, label_size):
+      score_fn = lambda x: model.apply(variables, x, train=False)
+      batch = {'image': images, 'image_size': image_size, 'label_size': label_size}
+      probs = evaluate.predict_probs(score_fn, batch, eval_config=eval_config, num_classes=k,
+                                     test_img_scale=test_img_scale, test_min_size=test_min_size,
+                                     output_shape=output_shape)
+      labels = jnp.argmax(probs, axis=-1).astype(label_dtype)
+      return (labels, probs) if with_scores else (labels, None)
+
+    return fn
+
+  def compiled_for(self, key, batch_size: int, tta: bool, with_scores: bool, scores_dtype):
+    """The compiled function of a bucket (compiled on first use, ahead of time)."""
+    full_key = (key, batch_size, tta, with_scores, np.dtype(scores_dtype).name)
+    if full_key not in self.compiled:
+      (hb, wb), (ho, wo) = key
+      base = self._function(self.eval_config(tta), (ho, wo), with_scores)
+
+      def fn(variables, images, image_size, label_size):
+        labels, probs = base(variables, images, image_size, label_size)
+        return labels, (None if probs is None else probs.astype(scores_dtype))
+
+      t0 = time.perf_counter()
+      self.compiled[full_key] = jax.jit(fn).lower(
+          self.variables,
+          jax.ShapeDtypeStruct((batch_size, hb, wb, 3), jnp.float32),
+          jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+          jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)).compile()
+      seconds = time.perf_counter() - t0
+      self.compile_seconds += seconds
+      logging.info('Compiled the prediction of bucket %dx%d -> %dx%d (batch %d%s) in %.1f s.',
+                   hb, wb, ho, wo, batch_size, ', TTA' if tta else '', seconds)
+    return self.compiled[full_key]
+
+  def run_batch(self, items: Sequence[Prepared], batch_size: int, tta: bool,
+                with_scores: bool, scores_dtype) -> Tuple[Any, Any]:
+    """Dispatches one batch (padded with copies of its first image); returns device arrays."""
+    key = items[0].key
+    (hb, wb), _ = key
+    images = np.zeros((batch_size, hb, wb, 3), np.float32)
+    image_size = np.zeros((batch_size, 2), np.int32)
+    label_size = np.zeros((batch_size, 2), np.int32)
+    for i in range(batch_size):
+      p = items[i] if i < len(items) else items[0]
+      h, w = p.model_input.shape[:2]
+      images[i, :h, :w] = p.model_input
+      image_size[i] = (h, w)
+      label_size[i] = p.image.shape[:2]
+    fn = self.compiled_for(key, batch_size, tta, with_scores, scores_dtype)
+    return fn(self.variables, images, image_size, label_size)
+
+
+def load(checkpoint: str, config: Optional[Any] = None) -> Predictor:
+  """A Predictor of a converted directory or a training workdir (see `load_checkpoint`)."""
+  model, variables, config = load_checkpoint(checkpoint, config)
+  return Predictor(model, variables, config, source=checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop over inputs.
+
+
+def find_inputs(inputs: Sequence[str]) -> List[Tuple[str, str]]:
+  """(path, output name without extension) of every image under `inputs`, in order.
+
+  Folders are searched recursively for IMAGE_EXTENSIONS (sorted); a file named explicitly is
+  tried whatever its extension. Names are relative to the folder given; a name that would repeat
+  gets a '-1', '-2', ... suffix. A missing input is an error naming it.
+  """
+  found = []
+  for item in inputs:
+    if os.path.isdir(item):
+      for dirpath, dirnames, filenames in os.walk(item):
+        dirnames.sort()
+        for f in sorted(filenames):
+          if f.lower().endswith(IMAGE_EXTENSIONS):
+            path = os.path.join(dirpath, f)
+            found.append((path, os.path.splitext(os.path.relpath(path, item))[0]))
+    elif os.path.exists(item):
+      found.append((item, os.path.splitext(os.path.basename(item))[0]))
+    else:
+      raise FileNotFoundError(f'Input {item!r} does not exist.')
+  seen, out = {}, []
+  for path, name in found:
+    n = seen.get(name, 0)
+    seen[name] = n + 1
+    out.append((path, name if n == 0 else f'{name}-{n}'))
+  return out
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, colors: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """(H, W, 3) uint8: `image` blended with the colour of each pixel's class."""
+  color = palettes.colorize(labels, colors).astype(np.float32)
+  return np.round(image.astype(np.float32) * (1 - alpha) + color * alpha).astype(np.uint8)
+
+
+def write_outputs(output: str, name: str, result: Mapping[str, Any]) -> None:
+  """labels/<name>.png, overlays/<name>.png and, when present, scores/<name>.npy under output."""
+  labels = result['labels']
+  kinds = [('labels', '.png'), ('overlays', '.png')]
+  if result.get('scores') is not None:
+    kinds.append(('scores', '.npy'))
+  paths = {kind: os.path.join(output, kind, name + ext) for kind, ext in kinds}
+  for path in paths.values():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  if labels.max(initial=0) < 256:
+    Image.fromarray(labels.astype(np.uint8), mode='L').save(paths['labels'])
+  else:
+    Image.fromarray(labels.astype(np.uint16)).save(paths['labels'])
+  Image.fromarray(result['overlay']).save(paths['overlays'])
+  if 'scores' in paths:
+    np.save(paths['scores'], result['scores'])
+
+
+@dataclasses.dataclass
+class Summary:
+  images: int = 0
+  skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+  seconds: float = 0.0
+  compile_seconds: float = 0.0
+  compilations: int = 0
+  buckets: List[Any] = dataclasses.field(default_factory=list)
+
+  @property
+  def images_per_second(self) -> float:
+    return self.images / self.seconds if self.seconds > 0 else 0.0
+
+  def line(self) -> str:
+    skipped = f', {len(self.skipped)} skipped' if self.skipped else ''
+    return (f'Segmented {self.images} images{skipped} in {self.seconds:.1f} s: '
+            f'{self.images_per_second:.2f} images/s ({self.compilations} compilations for '
+            f'{len(self.buckets)} shape buckets, {self.compile_seconds:.1f} s of the total).')
+
+
+def _iter_results(predictor: Predictor, sources: Sequence[Tuple[Any, str]], *, tta: bool,
+                  batch_size: int, with_scores: bool, scores_dtype, bucket: Optional[int],
+                  output_bucket: int, summary: Summary,
+                  progress: Optional[Any]) -> Iterator[Tuple[int, str, Optional[Dict[str, Any]]]]:
+  """Yields (index, name, result or None) for every source, in completion order."""
+  pending: Dict[Any, List[Prepared]] = {}
+  in_flight: List[Tuple[List[Prepared], Any]] = []  # dispatched, not yet fetched
+  buckets = set()
+
+  def finish(items, outputs):
+    labels, probs = jax.device_get(outputs)
+    for i, p in enumerate(items):
+      h, w = p.image.shape[:2]
+      lab = np.asarray(labels[i, :h, :w], np.int32)
+      result = {'labels': lab, 'overlay': overlay(p.image, lab, predictor.palette)}
+      if with_scores:
+        result['scores'] = np.asarray(probs[i, :h, :w])
+      summary.images += 1
+      if progress is not None:
+        progress.update(1)
+      yield p.index, p.name, result
+
+  def dispatch(items):
+    buckets.add(items[0].key)
+    outputs = predictor.run_batch(items, batch_size, tta, with_scores, scores_dtype)
+    in_flight.append((items, outputs))
+    # One batch behind: the device works on this batch while the host writes the previous one.
+    while len(in_flight) > 1:
+      yield from finish(*in_flight.pop(0))
+
+  for index, (source, name) in enumerate(sources):
+    try:
+      image = read_image(source)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f'{type(e).__name__}: {e}'
+      where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else name
+      logging.warning('Skipping %s: cannot read it as an image (%s).', where, reason)
+      summary.skipped.append((where, reason))
+      if progress is not None:
+        progress.update(1)
+      yield index, name, None
+      continue
+    p = predictor.prepare(index, name, image, bucket, output_bucket)
+    group = pending.setdefault(p.key, [])
+    group.append(p)
+    if len(group) == batch_size:
+      del pending[p.key]
+      yield from dispatch(group)
+  for group in pending.values():
+    yield from dispatch(group)
+  while in_flight:
+    yield from finish(*in_flight.pop(0))
+  summary.buckets = sorted(buckets)
+
+
+def segment(images: Iterable[Any], checkpoint: Any, *, config: Optional[Any] = None,
+            tta: bool = False, batch_size: int = 1, scores: bool = False,
+            scores_dtype: Any = np.float16, bucket: Optional[int] = None,
+            output_bucket: int = DEFAULT_OUTPUT_BUCKET, output: Optional[str] = None,
+            progress: bool = False, summary: Optional[Summary] = None,
+            keep_results: bool = True) -> List[Optional[Dict[str, Any]]]:
+  """Segments images; the Python face of the command line.
+
+  Args:
+    images: paths, PIL images or (H, W, 3) uint8 RGB arrays, or (source, name) pairs (the name
+      is used for outputs and messages).
+    checkpoint: a `Predictor` (reused: no recompilation for buckets it has seen), or a path
+      for `load` (converted directory or training workdir).
+    config: with a path: a config to use instead of the checkpoint's (see `load_checkpoint`).
+    tta: multi-scale + flip test-time augmentation (config.eval.scales).
+    batch_size: images per model call; images of one shape bucket are batched together.
+    scores: also return (H, W, K) class probabilities as `scores_dtype`.
+    bucket: side multiple of the input buckets (default: see the module docstring).
+    output_bucket: side multiple of the original-resolution output buckets.
+    output: when set, also write labels/overlays(/scores) there as the command line does.
+    progress: show a tqdm progress bar over the inputs.
+    summary: a `Summary` to fill with counts and times.
+    keep_results: False returns only None entries (the command line: outputs go to files and
+      memory stays bounded by the batches in flight).
+
+  Returns:
+    One entry per input, in input order: {'labels': (H, W) int32 class indices at the input's
+    resolution, 'overlay': (H, W, 3) uint8, 'name': str, 'scores': (H, W, K) if requested}, or
+    None for an input that could not be read (a warning names it).
+  """
+  predictor = checkpoint if isinstance(checkpoint, Predictor) else load(checkpoint, config)
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
+  sources = []
+  for i, item in enumerate(images):
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str):
+      sources.append(item)
+    elif isinstance(item, (str, os.PathLike)):
+      sources.append((os.fspath(item), os.fspath(item)))
+    else:
+      sources.append((item, f'image_{i}'))
+  summary = summary if summary is not None else Summary()
+  compile_before, count_before = predictor.compile_seconds, len(predictor.compiled)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=len(sources), unit='img', desc='segment', file=sys.stderr)
+  results: List[Optional[Dict[str, Any]]] = [None] * len(sources)
+  t0 = time.perf_counter()
+  try:
+    for index, name, result in _iter_results(
+        predictor, sources, tta=tta, batch_size=batch_size, with_scores=scores,
+        scores_dtype=scores_dtype, bucket=bucket, output_bucket=output_bucket,
+        summary=summary, progress=bar):
+      if result is None:
+        continue
+      result['name'] = name
+      if output is not None:
+        write_outputs(output, name, result)
+      if keep_results:
+        results[index] = result
+  finally:
+    if bar is not None:
+      bar.close()
+  summary.seconds = time.perf_counter() - t0
+  summary.compile_seconds = predictor.compile_seconds - compile_before
+  summary.compilations = len(predictor.compiled) - count_before
+  return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'A segvit_jax.convert output directory or a training workdir.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, scores/).')
+_CONFIG_FILE = flags.DEFINE_string(
+    'config', None, "Config file (configs/*.py or config.json) instead of the checkpoint's.")
+_TTA = flags.DEFINE_bool('tta', False, 'Multi-scale + flip test-time augmentation.')
+_BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per model call (same shape bucket).')
+_SCORES = flags.DEFINE_bool('scores', False, 'Also write (H, W, K) class probabilities (.npy).')
+_SCORES_DTYPE = flags.DEFINE_enum('scores_dtype', 'float16', ['float16', 'float32'],
+                                  'Precision of the written scores.')
+_BUCKET = flags.DEFINE_integer(
+    'bucket', None, 'Side multiple of the input shape buckets (default: the eval window in slide '
+    'mode, config.dataset.eval_bucket in whole mode).')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+
+
+def main(argv: Sequence[str]) -> int:
+  inputs = list(argv[1:])
+  if not _CHECKPOINT.value or not _OUTPUT.value or not inputs:
+    raise app.UsageError('Usage: python -m segvit_jax.predict --checkpoint=DIR INPUT... '
+                         '--output=OUT [--tta] [--batch_size=N] [--scores]')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and XLA log a lot at INFO
+  sources = find_inputs(inputs)
+  if not sources:
+    print(f'No images found in {inputs} (extensions {", ".join(IMAGE_EXTENSIONS)}).',
+          file=sys.stderr)
+    return 1
+  predictor = load(_CHECKPOINT.value, _CONFIG_FILE.value)
+  summary = Summary()
+  segment(sources, predictor, tta=_TTA.value, batch_size=_BATCH.value, scores=_SCORES.value,
+          scores_dtype=np.dtype(_SCORES_DTYPE.value), bucket=_BUCKET.value,
+          output=_OUTPUT.value, progress=_PROGRESS.value, summary=summary, keep_results=False)
+  for name, reason in summary.skipped:
+    print(f'Skipped {name}: {reason}', file=sys.stderr)
+  print(summary.line(), flush=True)
+  return 0 if summary.images > 0 else 1
+
+
+def _run():
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  _run()

@@ -1,0 +1,151 @@
+"""Device mesh and logical-axis sharding rules.
+
+The mesh always has the three axes ('data', 'fsdp', 'model'); `config.mesh` names the sizes of the
+ones it uses ('data:-1', 'data:4,model:2', 'data:2,fsdp:4') and the others get size 1, so the rules
+below never name a missing axis. The batch is split over data x fsdp; parameters are split over
+fsdp along their 'embed' dimension (ZeRO-3 style) and over model along 'mlp' / 'heads'
+(Megatron style). Dimensions that a mesh axis does not divide stay replicated.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+
+MESH_AXES = ('data', 'fsdp', 'model')
+BATCH_AXES = ('data', 'fsdp')
+
+# Logical axis name -> mesh axes. Names the model annotates but that are not listed stay replicated.
+LOGICAL_AXIS_RULES = (
+    ('batch', BATCH_AXES),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv', None),
+    ('classes', None),
+    ('queries', None),
+)
+
+
+# Whether model code traced under `axis_rules()` sees the logical rules (its activation constraints
+# and the partitioning metadata of its parameters then bind to the mesh).
+APPLY_RULES_IN_MODEL = False
+
+
+def axis_rules():
+  """Context under which the trainer traces the model: the logical-axis rules of this module."""
+  return nn.logical_axis_rules(LOGICAL_AXIS_RULES if APPLY_RULES_IN_MODEL else ())
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
+  """'data:4,model:2' -> {'data': 4, 'fsdp': 1, 'model': 2} for `num_devices` devices.
+
+  At most one axis may be -1: it takes the devices the others leave. The product must equal
+  `num_devices`.
+  """
+  sizes = {axis: 1 for axis in MESH_AXES}
+  seen = set()
+  for part in [p.strip() for p in spec.split(',') if p.strip()]:
+    name, sep, size = part.partition(':')
+    name = name.strip()
+    if not sep or name not in MESH_AXES:
+      raise ValueError(
+          f'config.mesh={spec!r}: {part!r} is not "axis:size" with axis in {MESH_AXES}.')
+    if name in seen:
+      raise ValueError(f'config.mesh={spec!r} names axis {name!r} twice.')
+    seen.add(name)
+    try:
+      sizes[name] = int(size)
+    except ValueError:
+      raise ValueError(f'config.mesh={spec!r}: size {size!r} of {name!r} is not an integer.')
+    if sizes[name] == 0 or sizes[name] < -1:
+      raise ValueError(f'config.mesh={spec!r}: size of {name!r} must be positive or -1.')
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh={spec!r}: only one axis may be -1, got {free}.')
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f'config.mesh={spec!r}: the fixed axes use {fixed} devices, which does not divide the '
+          f'{num_devices} available.')
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+        f'config.mesh={spec!r} uses {fixed} devices but {num_devices} are available; use -1 for '
+        'one axis to take the rest.')
+  return sizes
+
+
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ('data', 'fsdp', 'model') mesh for `spec` over `devices` (default: all devices).
+
+  Axis types are Auto: Flax linen's logical constraints do not accept Explicit axes.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = parse_mesh_spec(spec, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (e.g. a 3-class output on model:2)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  fitted = []
+  for dim, entry in zip(shape, entries):
+    if entry is None:
+      fitted.append(None)
+      continue
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = []
+    size = 1
+    for axis in axes:
+      if dim % (size * mesh.shape[axis]) == 0:
+        kept.append(axis)
+        size *= mesh.shape[axis]
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  while fitted and fitted[-1] is None:  # P('x', None) and P('x') mean the same; keep one form
+    fitted.pop()
+  return P(*fitted)
+
+
+def logical_to_shardings(abstract_boxed: PyTree, mesh: Mesh,
+                         rules=LOGICAL_AXIS_RULES) -> PyTree:
+  """NamedShardings for a tree of (possibly `nn.Partitioned`) abstract arrays.
+
+  `abstract_boxed` is what `jax.eval_shape(model.init, ...)` returns; the result has the unboxed
+  tree's structure. Leaves without logical names are replicated.
+  """
+  logical_specs = nn.get_partition_spec(abstract_boxed)
+  shapes = nn.unbox(abstract_boxed)
+
+  def one(logical, shaped):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules) if logical else P()
+    return NamedSharding(mesh, _fit_spec(mesh_spec, shaped.shape, mesh))
+
+  return jax.tree.map(one, logical_specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_size_per_shard(global_batch: int, mesh: Mesh) -> int:
+  """The per-shard batch; errors out when the data x fsdp axes do not divide the global batch."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % shards:
+    raise ValueError(
+        f'batch size {global_batch} is not divisible by data x fsdp = {shards} '
+        f'(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh.')
+  return global_batch // shards
