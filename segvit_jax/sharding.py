@@ -31,8 +31,12 @@ LOGICAL_AXIS_RULES = (
 )
 
 
-# Whether model code traced under `axis_rules()` sees the logical rules (its activation constraints
-# and the partitioning metadata of its parameters then bind to the mesh).
+# Whether model code traced under `axis_rules()` sees the rules, binding its activation
+# constraints (`nn.with_logical_constraint`) to the mesh. Off for now: with the rules active,
+# flax's DenseGeneral (models/layers.py Attention) applies the 3-d logical names of its kernels
+# to the flat 2-d kernel it initialises, and both init and apply (which re-runs the init under
+# eval_shape to check shapes) fail on a mesh. Parameter layouts do not depend on this switch:
+# `logical_to_shardings` applies the rules explicitly.
 APPLY_RULES_IN_MODEL = False
 
 

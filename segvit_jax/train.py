@@ -154,8 +154,12 @@ def state_with_params(params: PyTree, tx: optax.GradientTransformation,
         f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
         f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}, '
         f'wrong shapes {[(k, got[k][0], want[k][0]) for k in wrong[:5]]}.')
-  params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype) if not isinstance(x, jax.Array)
-                        else x.astype(a.dtype), params, expected)
+  def cast(x, a):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x, a.dtype)
+    return x if x.dtype == a.dtype else x.astype(a.dtype)
+
+  params = jax.tree.map(cast, params, expected)
   params = jax.device_put(params, spec.shardings.params)
 
   def init(params):
@@ -201,8 +205,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         f'must be divisible by data x fsdp = {shards} of config.mesh={config.mesh!r}.')
   loss_kwargs = dict(config.loss)
 
+  def batch_sharded(tree):
+    # Inputs and model outputs split over the batch axes: the loss runs data-parallel too.
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, sharding.batch_sharding(mesh, x.ndim)), tree)
+
   def loss_fn(params, images, labels, rng):
+    images, labels = batch_sharded((images, labels))
     outputs = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
+    outputs = batch_sharded(outputs)
     total, terms = losses.atm_loss(outputs, labels, num_classes=num_classes, **loss_kwargs)
     return total, terms
 
@@ -350,12 +361,15 @@ class _Pending:
     fetched = []
     for step, metrics in zip(steps, values):
       metrics = {k: float(v) for k, v in metrics.items()}
-      if not math.isfinite(metrics['loss']):
+      # A finite loss with a non-finite gradient would write NaN parameters into this step's
+      # state, so both are checked before anything after them is saved.
+      if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
         terms = ', '.join(f'{k}={v:.6g}' for k, v in sorted(metrics.items()))
+        what = 'loss' if not math.isfinite(metrics['loss']) else 'gradient'
         raise NonFiniteLossError(
-            f'Non-finite loss at step {step}: {terms}. Training stopped; the checkpoints in the '
-            'workdir are from before this step. Lower config.optim.learning_rate or check the '
-            'data.')
+            f'Non-finite {what} at step {step}: {terms}. Training stopped; the checkpoints in '
+            'the workdir are from before this step. Lower config.optim.learning_rate or check '
+            'the data.')
       fetched.append((step, metrics))
     return fetched
 
@@ -530,7 +544,7 @@ class _PreemptionFlag:
 # Setup shared by train and eval.
 
 
-def _load_params(path: str, spec: StateSpec) -> PyTree:
+def _load_params(path: str, spec: StateSpec, config_model: ml_collections.ConfigDict) -> PyTree:
   """Params from a training workdir (latest step) or a `segvit_jax.convert` output folder.
 
   Restored straight into the shardings of `spec`; the optimizer state is never read.
@@ -538,7 +552,19 @@ def _load_params(path: str, spec: StateSpec) -> PyTree:
   from segvit_jax import convert  # pylint: disable=g-import-not-at-top
   if convert.is_converted_dir(path):
     logging.info('Loading converted params from %s.', path)
-    return convert.restore_params(path, spec.abstract.params)
+    try:
+      return convert.restore_params(path, spec.abstract.params)
+    except (ValueError, KeyError) as e:
+      saved = convert.load_converted_config(path).model
+      keys = ('name', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'img_size',
+              'decoder_dim', 'decoder_layers', 'use_stages', 'num_classes')
+      diff = {k: (saved.get(k), config_model.get(k)) for k in keys
+              if k in saved and tuple(np.atleast_1d(saved.get(k))) !=
+              tuple(np.atleast_1d(config_model.get(k)))}
+      raise ValueError(
+          f'config.init_checkpoint={path!r} does not fit config.model '
+          f'(checkpoint vs config: {diff}); use --config={path}/config.py or the matching '
+          f'configs/*.py. ({e})') from e
   root = checkpoint_lib.training_checkpoint_root(path)
   if root is None:
     raise FileNotFoundError(
@@ -626,7 +652,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info('Resuming from %s, step %d.', ckpt.directory, latest)
         state = ckpt.restore(latest, spec.abstract)
       elif config.init_checkpoint:  # fine-tune: params from elsewhere, fresh optimizer
-        params = _load_params(config.init_checkpoint, spec)
+        params = _load_params(config.init_checkpoint, spec, config.model)
         state = state_with_params(params, tx, spec, source=config.init_checkpoint)
       else:
         state = create_state(model, tx, config, spec)
@@ -815,7 +841,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   writer = create_writer(workdir)
   try:
     with jax.set_mesh(mesh), sharding.axis_rules():
-      params = _load_params(source, spec)
+      params = _load_params(source, spec, config.model)
       eval_step = _make_eval_step(model, config)
       result = run_evaluation(eval_step, params, config, mesh)
       scalars = _eval_scalars(result)

@@ -1,4 +1,4 @@
-"""The optimizer recipe against an independent reference: torch AdamW with mmcv's groups and hooks."""
+"""The optimizer recipe against an independent reference: torch AdamW with mmcv's groups."""
 
 import jax
 import jax.numpy as jnp
