@@ -163,10 +163,11 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close():
   assert float(jnp.max(jnp.abs(out - ref))) > 0  # really computed in bf16
 
 
-def test_remat_gives_the_same_gradients():
-  config = tiny_config()
+@pytest.mark.parametrize('name', VARIANTS)
+def test_remat_gives_the_same_gradients(name):
+  config = tiny_config(name)
   model, variables = init(config, (1, 64, 64, 3))
-  config_r = tiny_config()
+  config_r = tiny_config(name)
   config_r.remat = True
   model_r = segvit.build_model(config_r)
   images = jax.random.normal(jax.random.key(6), (1, 64, 64, 3))

@@ -36,7 +36,7 @@ class Block(nn.Module):
 
   With `shrink`, the block performs QD: the stride-2 sub-sampled tokens (even rows and columns)
   query the full token map through the block's own attention, LN1 applied to both sides.
-  Call: `(tokens (B, h*w, D), grid (h, w), deterministic)` -> `(tokens, new grid)`.
+  Call: `(tokens (B, h*w, D), grid (h, w), deterministic)` -> tokens on `next_grid(grid)`.
   """
   num_heads: int
   mlp_ratio: int
@@ -50,7 +50,7 @@ class Block(nn.Module):
     attention = layers.Attention(self.num_heads, dtype=self.dtype, name='attn')
     if self.shrink:
       down = layers.tokens_to_map(x, grid)[:, ::2, ::2]
-      down, grid = layers.map_to_tokens(down)
+      down, _ = layers.map_to_tokens(down)
       memory = ln1(x).astype(self.dtype)
       x = down + attention(ln1(down).astype(self.dtype), memory, deterministic)[0]
     else:
@@ -59,7 +59,11 @@ class Block(nn.Module):
     y = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, name='mlp')(
         layers.layer_norm('ln2', VIT_LN_EPS)(x).astype(self.dtype))
     x = x + layers.DropPath(self.drop_path)(y, deterministic)
-    return x, grid
+    return x
+
+  def next_grid(self, grid: Tuple[int, int]) -> Tuple[int, int]:
+    # Returned outside the (possibly rematerialised) call so that it stays a static Python tuple.
+    return ((grid[0] + 1) // 2, (grid[1] + 1) // 2) if self.shrink else tuple(grid)
 
 
 class VisionTransformer(nn.Module):
@@ -113,9 +117,11 @@ class VisionTransformer(nn.Module):
     drop_path = np.linspace(0.0, self.drop_path_rate, self.depth)
     outputs = []
     for i in range(self.depth):
-      x, grid = block_cls(
+      block = block_cls(
           self.num_heads, self.mlp_ratio, float(drop_path[i]), shrink=(i == self.shrink_index),
-          dtype=self.dtype, name=f'block_{i}')(x, grid, not train)
+          dtype=self.dtype, name=f'block_{i}')
+      x = block(x, grid, not train)
+      grid = Block.next_grid(block, grid)
       if i in self.out_indices:
         tap = layers.tokens_to_map(x, grid)
         self.sow('intermediates', f'tap_{i}', tap)
