@@ -321,6 +321,10 @@ def _jax_breakdown(model, tx, params, images, labels, config, steps):
     compiled = jax.jit(fn).lower(*args).compile()
     t = _timed(lambda: jax.block_until_ready(compiled(*args)), steps)
     result[name] = [t['median_s'], t['cpu_median_s']]
+    try:
+      result[name].append(compiled.memory_analysis().temp_size_in_bytes / 2**20)
+    except Exception:  # pylint: disable=broad-except
+      pass
   return result
 
 
@@ -576,8 +580,9 @@ def _table(config, batch, dtype, slide_hw, jax_r, torch_r) -> str:
     lines.append(f'{name:34s} {_fmt(j):>10s} {_fmt(t):>10s} {_fmt(ratio, ".2f"):>12s}')
   for label, r in (('JAX', jax_r), ('PyTorch', torch_r)):
     if r and 'breakdown' in r:
-      parts = ', '.join(f'{k} {v[0]:.3f}/{v[1]:.3f}' for k, v in r['breakdown'].items())
-      lines.append(f'{label} train-step parts (wall/CPU s): {parts}')
+      parts = ', '.join(f'{k} {v[0]:.3f}/{v[1]:.3f}' + (f'/{v[2]:.0f}' if len(v) > 2 else '')
+                        for k, v in r['breakdown'].items())
+      lines.append(f'{label} train-step parts (wall s/CPU s[/XLA temp MiB]): {parts}')
   return '\n'.join(lines)
 
 

@@ -15,13 +15,15 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from segvit_jax import fileio
+
 PyTree = Any
 
 BEST_METRIC = 'eval/miou'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(fileio.absolute(workdir), 'checkpoints')
 
 
 def _best_metric(metrics: Mapping[str, Any]) -> float:
@@ -39,7 +41,7 @@ class Checkpointer:
                read_only: bool = False):
     if keep < 1:
       raise ValueError(f'config.keep_checkpoints must be at least 1, got {keep}.')
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.absolute(directory)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
         ocp.checkpoint_managers.BestN(
@@ -99,8 +101,8 @@ def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
 
 
 def _has_step_dirs(path: str) -> bool:
-  return os.path.isdir(path) and any(
-      name.isdigit() and os.path.isdir(os.path.join(path, name)) for name in os.listdir(path))
+  return any(name.isdigit() and fileio.isdir(os.path.join(path, name))
+             for name in fileio.listdir(path))
 
 
 def training_checkpoint_root(path: str) -> Optional[str]:

@@ -96,6 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
   config.num_prediction_images = 4  # eval examples drawn to WORKDIR/predictions.png (0: none)
   config.fault_hang_after_step = -1  # tests: after this step's checkpoint, wait to be killed
+  config.fault_raise_after_step = -1  # tests: after this step, raise an error on the last process
 
   config.model = m = ml_collections.ConfigDict()
   m.name = 'segvit'  # 'segvit' (ViT + ATM head) or 'segvit_shrunk' (QD in the ViT, QU + ATM head)

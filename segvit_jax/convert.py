@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from segvit_jax import config_base
+from segvit_jax import fileio
 from segvit_jax import resize
 from segvit_jax.models import segvit
 
@@ -870,7 +871,7 @@ def save_converted(dst_dir: str, params, config: ml_collections.ConfigDict, info
 
 
 def is_converted_dir(path: str) -> bool:
-  return all(os.path.exists(os.path.join(path, n)) for n in (PARAMS_DIR, 'config.json'))
+  return all(fileio.exists(os.path.join(path, n)) for n in (PARAMS_DIR, 'config.json'))
 
 
 def _tuples(value):
@@ -881,7 +882,7 @@ def _tuples(value):
 
 def load_converted_config(path: str) -> ml_collections.ConfigDict:
   """The config saved next to converted parameters (sequences as tuples, as in config_base)."""
-  with open(os.path.join(path, 'config.json')) as f:
+  with fileio.open_file(os.path.join(path, 'config.json')) as f:
     return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
@@ -893,7 +894,7 @@ def restore_params(path: str, abstract_params=None):
     raise ConversionError(f'{path} is not a directory written by segvit_jax.convert '
                           f'(needs {PARAMS_DIR}/ and config.json).')
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), abstract_params)
+    return checkpointer.restore(os.path.join(fileio.absolute(path), PARAMS_DIR), abstract_params)
 
 
 def load_converted(path: str):

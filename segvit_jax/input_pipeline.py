@@ -2,15 +2,17 @@
 
 Train (`create_train_dataset`): an infinite stream of host batches
   {'image': (b, Ch, Cw, 3) float32 normalised, 'label': (b, Ch, Cw) int32, 255 = ignore/padding}
-with b = config.batch_size // process_count. Each host reads its own shard of the split; each epoch
-of that shard is shuffled with a seed derived from (config.seed, epoch), and the epochs are chained
-into one stream. Example p of the host stream belongs to global step p // b; its augmentation is
-keyed on (config.seed, global position = step * batch_size + process_index * b + p % b), so a
-run restarted with `start_step=s` yields exactly the batches an uninterrupted run yields from step
-s: whole epochs are skipped arithmetically, and the rest of the epoch is skipped before the
-augmentation stage (only the source's reading / decoding runs for skipped examples). Sources may
-yield encoded image / label bytes: they are then decoded after the shuffle and the skip
-(`decode_example`), so the shuffle buffer holds encoded examples and resuming decodes nothing.
+with b = config.batch_size // process_count. The global stream does not depend on the number of
+hosts: every host reads the whole split in the same order (each epoch shuffled with a seed derived
+from (config.seed, epoch), the epochs chained), and host h keeps rows [h * b, (h + 1) * b) of each
+global batch of config.batch_size, dropping the others before decoding and augmentation. Example
+p of the global stream belongs to step p // batch_size and its augmentation is keyed on
+(config.seed, p). So a run on 2 hosts trains on exactly the batches of a run on 1 host or 16, and a
+run restarted with `start_step=s` (on any number of hosts) yields exactly the batches an
+uninterrupted run yields from step s: whole epochs are skipped arithmetically, the rest of the
+epoch before the augmentation stage. The price is that every host reads (not decodes) every
+record; sources yield encoded image / label bytes where they can, decoded only after the shuffle,
+the skip and the host's selection (`decode_example`), so the shuffle buffer holds encoded examples.
 
 Eval (`create_eval_dataset`): finite, host batches of config.eval.batch_size // process_count
   {'image': (b, Hb, Wb, 3) float32, test-resized, normalised, 0-padded to dataset.eval_pad_size;
@@ -113,14 +115,15 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
     source_fn: replaces `segvit_jax.datasets.get_source` (tests, benchmarks).
   """
   d = config.dataset
-  local_batch = host_batch_size(config.batch_size, process_count, 'config.batch_size')
+  global_batch = int(config.batch_size)
+  local_batch = host_batch_size(global_batch, process_count, 'config.batch_size')
   source_fn = source_fn or _default_source_fn()
-  source = source_fn(d, TRAIN_SPLIT, shard_index=process_index, num_shards=process_count)
+  source = source_fn(d, TRAIN_SPLIT, shard_index=0, num_shards=1)  # all of it, on every host
   source = source.map(tf.autograph.experimental.do_not_convert(
       lambda ex: {'image': ex['image'], 'label': ex['label']}))
-  num_examples = _num_examples(source, f'{d.name} {TRAIN_SPLIT} shard {process_index}')
+  num_examples = _num_examples(source, f'{d.name} {TRAIN_SPLIT}')
 
-  first_position = int(start_step) * local_batch  # in this host's stream
+  first_position = int(start_step) * global_batch  # in the global stream
   first_epoch, skip = divmod(first_position, num_examples)
   seed = int(config.seed)
 
@@ -132,8 +135,11 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
   ds = ds.skip(skip).enumerate(start=first_position)
+  if process_count > 1:
+    mine = tf.autograph.experimental.do_not_convert(
+        lambda position, _: (position % global_batch) // local_batch == process_index)
+    ds = ds.filter(mine)
 
-  global_batch = config.batch_size
   crop_size = tuple(d.crop_size)
   kwargs = dict(crop_size=crop_size, img_scale=tuple(d.img_scale),
                 ratio_range=tuple(d.ratio_range), cat_max_ratio=float(d.cat_max_ratio),
@@ -142,9 +148,7 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
 
   @tf.autograph.experimental.do_not_convert  # plain tf ops: skipping autograph halves tracing
   def transform(position, example):
-    step, row = position // local_batch, position % local_batch
-    global_position = step * global_batch + process_index * local_batch + row
-    seed_pair = tf.stack([tf.constant(seed, tf.int64), global_position])
+    seed_pair = tf.stack([tf.constant(seed, tf.int64), position])
     image, label = decode_example(example)
     return augment.train_transform(image, label, seed_pair, **kwargs)
 

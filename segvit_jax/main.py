@@ -11,7 +11,9 @@ latest checkpoint in WORKDIR/checkpoints if there is one. Exit codes: 0 when don
 (SIGTERM: the current step is saved first), 1 when the loss became non-finite.
 """
 
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -52,15 +54,46 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  if _MODE.value == 'eval':
-    train.evaluate_checkpoint(config, _WORKDIR.value)
-    return
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    if _MODE.value == 'eval':
+      train.evaluate_checkpoint(config, _WORKDIR.value)
+      return
+    result = train.train_and_evaluate(config, _WORKDIR.value)
   except train.NonFiniteLossError as e:
     logging.error('%s', e)
     print(f'ERROR: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    _exit(1)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # Leave at once: a normal exit would first wait for the other processes at the shutdown
+    # barrier while they wait for this one in a collective. Gone, this process stops sending
+    # heartbeats and the coordination service ends the others with an error naming it.
+    print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
+          f'{traceback.format_exc()}', file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+  if jax.process_index() == 0:
+    _print_summary(result, _WORKDIR.value, int(config.get('num_prediction_images', 0)))
+
+
+def _exit(code: int) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # as above: do not wait at the shutdown barrier
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def _print_summary(result: dict, workdir: str, config_num_predictions: int) -> None:
+  """Last lines of a run, after the library logs: where it stopped and what it wrote."""
+  if 'preempted_at_step' in result:
+    print(f'Preempted at step {result["preempted_at_step"]}; rerun the same command to resume.')
+    return
+  if 'eval/miou' in result:
+    print(f'Validation: mIoU {result["eval/miou"]:.4f}, mAcc {result["eval/macc"]:.4f}, '
+          f'aAcc {result["eval/aacc"]:.4f} ({workdir}/final_metrics.json)')
+  if 'eval/miou' in result and config_num_predictions > 0:
+    print(f'Predictions: {os.path.join(workdir, "predictions.png")}')
 
 
 if __name__ == '__main__':

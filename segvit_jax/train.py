@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import evaluate as evaluate_lib
+from segvit_jax import fileio
 from segvit_jax import losses
 from segvit_jax import optim
 from segvit_jax import sharding
@@ -271,7 +272,7 @@ class JsonlWriter(metric_writers.MetricWriter):
   """
 
   def __init__(self, path: str):
-    self._file = open(path, 'a', encoding='utf-8')
+    self._file = fileio.open_file(path, 'a')
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
@@ -500,7 +501,8 @@ def write_predictions(path: str, model: nn.Module, params: PyTree,
     draw.rectangle([lx, ly, lx + 12, ly + 12], fill=tuple(int(v) for v in colors[c]),
                    outline=(0, 0, 0))
     draw.text((lx + 18, ly - 1), f'{c}: {names[c]}'[:24], fill=(0, 0, 0), font=font)
-  canvas.save(path)
+  with fileio.open_file(path, 'wb') as f:
+    canvas.save(f, format='PNG')
   logging.info('Wrote %s.', path)
 
 
@@ -611,7 +613,7 @@ def _write_json(path: str, obj: Mapping[str, Any]) -> None:
       return int(v)
     return v
 
-  with open(path, 'w', encoding='utf-8') as f:
+  with fileio.open_file(path, 'w') as f:
     json.dump({k: clean(v) for k, v in obj.items() if k != 'confusion_matrix'}, f, indent=1)
 
 
@@ -636,7 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   is_main = jax.process_index() == 0
   mesh, model, tx, schedule, spec = _setup(config, devices)
   num_steps = int(config.num_train_steps)
@@ -678,6 +680,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ckpt_every = int(config.checkpoint_every_steps)
       log_every = max(int(config.log_every_steps), 1)
       hang_at = int(config.get('fault_hang_after_step', -1))
+      raise_at = int(config.get('fault_raise_after_step', -1))
 
       train_ds = input_pipeline.create_train_dataset(
           config, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -752,6 +755,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          eval_result['eval_seconds'], _format_table(eval_result))
         if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps or eval_metrics:
           save(step, eval_metrics)
+        if step == raise_at and jax.process_index() == jax.process_count() - 1:
+          raise RuntimeError(f'config.fault_raise_after_step={step}: failing on purpose.')
         if step == hang_at:
           _hang_for_tests(ckpt, preempted, step)
           if preempted.reached(step):
@@ -831,7 +836,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   Writes WORKDIR/eval_metrics.json, an 'eval/...' line in metrics.jsonl and, with
   config.num_prediction_images > 0, WORKDIR/predictions.png.
   """
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   mesh, model, tx, _, spec = _setup(config, devices)
   source = config.init_checkpoint or workdir
   if not config.init_checkpoint and checkpoint_lib.training_checkpoint_root(workdir) is None:

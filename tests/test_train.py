@@ -1,8 +1,7 @@
 """The trainer end to end at tiny sizes: meshes, resume after SIGKILL, SIGTERM, non-finite loss.
 
 Every run is a subprocess: meshes need 8 simulated CPU devices set before JAX starts, and the
-fault tests kill processes. A tiny SegViT (2 blocks, 32x32 synthetic images, 3 classes) with
-dropout and drop-path on keeps each run to seconds.
+fault tests kill processes. The tiny config and the run helpers are in tests/tiny_runs.py.
 """
 
 import json
@@ -10,30 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+  from tests import tiny_runs  # pylint: disable=g-import-not-at-top
+except ImportError:
+  import tiny_runs  # pylint: disable=g-import-not-at-top
 
-# Dotted config overrides on top of configs/synthetic.py.
-TINY = {
-    'batch_size': 8, 'num_train_steps': 6, 'log_every_steps': 1, 'eval_every_steps': 0,
-    'checkpoint_every_steps': 3, 'keep_checkpoints': 3, 'num_prediction_images': 0,
-    'model.img_size': (32, 32), 'model.patch_size': 8, 'model.embed_dim': 32, 'model.depth': 2,
-    'model.num_heads': 2, 'model.out_indices': (0, 1), 'model.use_stages': 2,
-    'model.drop_path_rate': 0.1, 'model.decoder_dropout': 0.1, 'model.decoder_dim': 16,
-    'model.decoder_heads': 2, 'model.decoder_layers': 2, 'model.num_classes': 3,
-    'optim.learning_rate': 1e-3, 'optim.warmup_steps': 2,
-    'dataset.num_classes': 3, 'dataset.synthetic_image_size': 32,
-    'dataset.synthetic_num_train': 20, 'dataset.synthetic_num_val': 6,
-    'dataset.crop_size': (32, 32), 'dataset.img_scale': (64, 32),
-    'dataset.test_img_scale': (32, 32), 'dataset.eval_pad_size': (32, 32),
-    'dataset.eval_label_pad_size': (32, 32), 'dataset.shuffle_buffer': 20,
-    'eval.batch_size': 4, 'eval.crop_size': (32, 32), 'eval.mode': 'whole',
-}
-
+ROOT = tiny_runs.ROOT
 
 _CACHE_DIR = []  # a JAX compilation cache shared by this module's runs (set by a fixture)
 
@@ -46,68 +31,18 @@ def _compilation_cache(tmp_path_factory):
 
 
 def _env(num_devices=1):
-  env = dict(os.environ)
-  if _CACHE_DIR:  # same tiny programs in every run: compile once
-    env['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR[0]
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-    env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
-  # XLA:CPU spends most of a tiny model's compile in LLVM; these cut it 3x. Every run of a test
-  # uses the same flags, so results compare as they would with the defaults.
-  flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
-  env['XLA_FLAGS'] = ' '.join(flags)
-  return env
+  return tiny_runs.env(num_devices, _CACHE_DIR[0] if _CACHE_DIR else None)
 
 
-def _flag(key, value):
-  if isinstance(value, tuple):
-    value = '(' + ','.join(str(v) for v in value) + ',)'
-  return f'--config.{key}={value}'
-
-
-def _main_cmd(workdir, **overrides):
-  config = dict(TINY)
-  config.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  return ([sys.executable, '-m', 'segvit_jax.main', f'--config={ROOT}/configs/synthetic.py',
-           f'--workdir={workdir}'] + [_flag(k, v) for k, v in config.items()])
+_main_cmd = tiny_runs.main_cmd
+_losses = tiny_runs.losses
+_steps = tiny_runs.steps
+_wait_for = tiny_runs.wait_for
 
 
 def _run(workdir, timeout=240, **overrides):
   return subprocess.run(_main_cmd(workdir, **overrides), cwd=ROOT, env=_env(),
                         capture_output=True, text=True, timeout=timeout)
-
-
-def _losses(workdir):
-  """{step: the last logged record of that step} of metrics.jsonl (train lines)."""
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'train/loss' in record:
-        out[record['step']] = record
-  return out
-
-
-def _steps(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def _wait_for(predicate, proc, timeout, what):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return
-    if proc.poll() is not None:
-      out = proc.stdout.read() if proc.stdout else ''
-      raise AssertionError(f'process exited ({proc.returncode}) before {what}:\n{out[-4000:]}')
-    time.sleep(0.1)
-  proc.kill()
-  raise AssertionError(f'timed out waiting for {what}')
 
 
 @pytest.fixture(scope='module')
@@ -240,7 +175,7 @@ def test_eval_mode_on_workdir_and_converted_checkpoint(reference, tmp_path):
   workdir, _ = reference
   with open(os.path.join(workdir, 'final_metrics.json')) as f:
     final = json.load(f)
-  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in tiny_runs.TINY.items()}
   overrides['num_prediction_images'] = 2
   result = subprocess.run(
       [sys.executable, '-c', _EVAL_SCRIPT, ROOT, json.dumps(overrides), workdir, str(tmp_path)],
@@ -322,7 +257,7 @@ print('RESULT ' + json.dumps(result))
 @pytest.fixture(scope='module')
 def mesh_runs(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp('meshes'))
-  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in tiny_runs.TINY.items()}
   overrides['num_train_steps'] = 5
   overrides['checkpoint_every_steps'] = 3
   # One block and one decoder stage: the same sharded ops at half the compile time (aux
@@ -443,7 +378,7 @@ print('RESULT ' + json.dumps(out))
 
 
 def test_grad_accumulation_and_bf16(tmp_path):
-  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+  overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in tiny_runs.TINY.items()}
   result = subprocess.run([sys.executable, '-c', _STEP_SCRIPT, ROOT, json.dumps(overrides)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-6000:]

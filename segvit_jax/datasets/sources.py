@@ -3,9 +3,12 @@
 Every source yields, in a fixed order and without shuffling,
   {'image': uint8 (H, W, 3) RGB, 'label': uint8 (H, W) train ids (0..K-1, 255 = ignore),
    'file_name': tf.string}
-and returns only this host's part of the split: `num_shards` contiguous, disjoint blocks
-covering the split, the first `n % num_shards` one example longer (as tfds.even_splits).
-Decoding happens inside the tf.data graph.
+or, where the storage holds encoded files (TFDS builds, mmseg folders), 'image' as JPEG / PNG bytes
+and 'label' as single-channel PNG bytes of train ids, which `input_pipeline.decode_example`
+decodes inside the tf.data graph. A source returns the part of the split given by (shard_index,
+num_shards): contiguous, disjoint blocks covering the split, the first `n % num_shards` one
+example longer (as tfds.even_splits). Evaluation shards by host; training reads the whole split
+on every host (see input_pipeline).
 """
 
 from __future__ import annotations
@@ -49,14 +52,16 @@ def _tfds_source(dataset_config, split, shard_index, num_shards):
   start, stop = common.even_range(
       int(builder.info.splits[split].num_examples), shard_index, num_shards)
   read_config = tfds.ReadConfig(try_autocache=False)
+  # Encoded bytes flow on: the pipeline decodes after shuffling and selecting this host's rows.
+  kwargs = dict(shuffle_files=False, read_config=read_config,
+                decoders={'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()})
   if start == stop:  # more hosts than examples: an empty block with the right structure
-    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config).take(0)
+    ds = builder.as_dataset(split=split, **kwargs).take(0)
   else:
-    host_split = tfds.even_splits(split, n=num_shards)[shard_index]
-    ds = builder.as_dataset(split=host_split, shuffle_files=False, read_config=read_config)
+    ds = builder.as_dataset(split=tfds.even_splits(split, n=num_shards)[shard_index], **kwargs)
 
-  def fmt(ex):
-    return {'image': ex['image'], 'label': ex['label'][..., 0], 'file_name': ex['file_name']}
+  def fmt(ex):  # image: JPEG or PNG bytes; label: single-channel PNG bytes
+    return {'image': ex['image'], 'label': ex['label'], 'file_name': ex['file_name']}
 
   return ds.map(fmt, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 

@@ -71,16 +71,97 @@ class Attention(nn.Module):
     q = projection('query')(queries)  # (B, Nq, H, hd)
     k = projection('key')(keys_values)
     v = projection('value')(keys_values)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    use_dropout = self.dropout_rate > 0.0 and not deterministic
+    if self.return_mask_logits or use_dropout:  # the weights themselves are needed
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    else:
+      logits = None
+      out = attend(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v)
     out = nn.DenseGeneral(
         channels, axis=(-2, -1), dtype=self.dtype, name='out',
         kernel_init=partitioned(trunc_normal_02, ('heads', 'kv', 'embed')),
         bias_init=partitioned(zeros, ('embed',)))(out)
     mask_logits = logits.mean(axis=1) if self.return_mask_logits else None
     return out, mask_logits
+
+
+# Attention maps at least this large (Nq * Nk) take the per-head path on CPU.
+PER_HEAD_MIN_SIZE = 256 * 256
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T) v for each head: q (B, Nq, H, hd) already scaled, k, v (B, Nk, H, hd).
+
+  On CPU, large maps go head by head (`attend_per_head`): each (Nq, Nk) map then stays in cache,
+  which makes the ViT's attention about 2x faster forward and 1.7x forward + backward on CPU
+  (bench/throughput.py) and keeps the maps out of the saved activations. Elsewhere (GPU, TPU)
+  the batched form lets XLA fuse it. Softmax statistics are float32 in both.
+  """
+  if jax.default_backend() == 'cpu' and q.shape[1] * k.shape[1] >= PER_HEAD_MIN_SIZE:
+    return attend_per_head(q, k, v)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def _by_head(x):
+  """(B, N, H, hd) -> (B * H, N, hd)."""
+  b, n, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
+
+
+def _from_heads(x, batch):
+  """(B * H, N, hd) -> (B, N, H, hd)."""
+  bh, n, d = x.shape
+  return x.reshape(batch, bh // batch, n, d).transpose(0, 2, 1, 3)
+
+
+@jax.custom_vjp
+def attend_per_head(q, k, v):
+  """`attend` as a loop over batch x heads, with a backward pass that recomputes each map from
+  q, k and the saved log-sum-exp instead of storing all maps (the flash-attention recurrence)."""
+  return _attend_per_head_fwd(q, k, v)[0]
+
+
+def _attend_per_head_fwd(q, k, v):
+  qh, kh, vh = _by_head(q), _by_head(k), _by_head(v)
+
+  def one_head(args):
+    qi, ki, vi = args
+    logits = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32)
+    peak = logits.max(axis=-1, keepdims=True)
+    unnormalised = jnp.exp(logits - peak)
+    total = unnormalised.sum(axis=-1, keepdims=True)
+    out = jnp.dot((unnormalised / total).astype(vi.dtype), vi)
+    return out, (peak + jnp.log(total))[:, 0]
+
+  out, logsumexp = jax.lax.map(one_head, (qh, kh, vh))
+  return _from_heads(out, q.shape[0]), (qh, kh, vh, out, logsumexp)
+
+
+def _attend_per_head_bwd(residuals, d_out):
+  qh, kh, vh, out, logsumexp = residuals
+  batch = d_out.shape[0]
+  d_outh = _by_head(d_out)
+  # d softmax: dS = P * (dP - rowsum(dO * O)); the row sums once for all heads.
+  row_dot = jnp.sum(d_outh.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+  def one_head(args):
+    qi, ki, vi, doi, lse, rd = args
+    weights = jnp.exp(jnp.dot(qi, ki.T, preferred_element_type=jnp.float32) - lse[:, None])
+    d_v = jnp.dot(weights.T.astype(doi.dtype), doi)
+    d_weights = jnp.dot(doi, vi.T, preferred_element_type=jnp.float32)
+    d_logits = (weights * (d_weights - rd[:, None])).astype(qi.dtype)
+    return jnp.dot(d_logits, ki), jnp.dot(d_logits.T, qi), d_v
+
+  d_q, d_k, d_v = jax.lax.map(one_head, (qh, kh, vh, d_outh, logsumexp, row_dot))
+  return _from_heads(d_q, batch), _from_heads(d_k, batch), _from_heads(d_v, batch)
+
+
+attend_per_head.defvjp(_attend_per_head_fwd, _attend_per_head_bwd)
 
 
 class DropPath(nn.Module):

@@ -1,0 +1,46 @@
+"""Workdirs on a bucket: URLs go through tf.io.gfile (TensorFlow's in-memory ram:// file system
+stands in for gs:// here) and are never turned into local paths."""
+
+import json
+import os
+
+import numpy as np
+
+from segvit_jax import checkpoint
+from segvit_jax import fileio
+
+
+def test_urls_stay_urls():
+  assert checkpoint.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
+  assert fileio.absolute('gs://bucket/run') == 'gs://bucket/run'
+  assert fileio.absolute('run') == os.path.join(os.getcwd(), 'run')
+
+
+def test_trainer_files_on_a_url_file_system():
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = 'ram://bucket/run'
+  fileio.makedirs(workdir)
+  writer = train.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
+  writer.write_scalars(1, {'train/loss': 2.5})
+  writer.write_scalars(2, {'train/loss': float('nan')})
+  writer.close()
+  train._write_json(os.path.join(workdir, 'final.json'), {'miou': np.float32(0.5)})
+  with fileio.open_file(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert [json.loads(l) for l in f] == [{'step': 1, 'train/loss': 2.5},
+                                          {'step': 2, 'train/loss': None}]
+  with fileio.open_file(os.path.join(workdir, 'final.json')) as f:
+    assert json.load(f) == {'miou': 0.5}
+  assert sorted(fileio.listdir(workdir)) == ['final.json', 'metrics.jsonl']
+  assert not fileio.isdir(os.path.join(workdir, 'checkpoints'))
+  assert checkpoint.training_checkpoint_root(workdir) is None
+  for step in ('3', '10'):
+    fileio.makedirs(os.path.join(workdir, 'checkpoints', step))
+  assert checkpoint.training_checkpoint_root(workdir) == os.path.join(workdir, 'checkpoints')
+
+
+def test_local_files_unchanged(tmp_path):
+  path = str(tmp_path / 'a.txt')
+  with fileio.open_file(path, 'w') as f:
+    f.write('é')
+  assert open(path, encoding='utf-8').read() == 'é'
+  assert fileio.listdir(str(tmp_path / 'missing')) == []

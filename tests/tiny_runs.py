@@ -1,0 +1,90 @@
+"""Tiny end-to-end runs of `segvit_jax.main` as subprocesses, shared by the trainer tests.
+
+A tiny SegViT (2 blocks, 32x32 synthetic images, 3 classes) with dropout and drop-path on keeps
+each run to seconds; simulated CPU devices must be set before JAX starts, hence subprocesses.
+"""
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dotted config overrides on top of configs/synthetic.py.
+TINY = {
+    'batch_size': 8, 'num_train_steps': 6, 'log_every_steps': 1, 'eval_every_steps': 0,
+    'checkpoint_every_steps': 3, 'keep_checkpoints': 3, 'num_prediction_images': 0,
+    'model.img_size': (32, 32), 'model.patch_size': 8, 'model.embed_dim': 32, 'model.depth': 2,
+    'model.num_heads': 2, 'model.out_indices': (0, 1), 'model.use_stages': 2,
+    'model.drop_path_rate': 0.1, 'model.decoder_dropout': 0.1, 'model.decoder_dim': 16,
+    'model.decoder_heads': 2, 'model.decoder_layers': 2, 'model.num_classes': 3,
+    'optim.learning_rate': 1e-3, 'optim.warmup_steps': 2,
+    'dataset.num_classes': 3, 'dataset.synthetic_image_size': 32,
+    'dataset.synthetic_num_train': 20, 'dataset.synthetic_num_val': 6,
+    'dataset.crop_size': (32, 32), 'dataset.img_scale': (64, 32),
+    'dataset.test_img_scale': (32, 32), 'dataset.eval_pad_size': (32, 32),
+    'dataset.eval_label_pad_size': (32, 32), 'dataset.shuffle_buffer': 20,
+    'eval.batch_size': 4, 'eval.crop_size': (32, 32), 'eval.mode': 'whole',
+}
+
+
+def env(num_devices=1, cache_dir=None):
+  """Subprocess environment: `num_devices` simulated CPU devices, tiny-model XLA flags."""
+  env = dict(os.environ)
+  if cache_dir:  # same tiny programs in every run: compile once
+    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
+  # XLA:CPU spends most of a tiny model's compile in LLVM; these cut it 3x. Every run of a test
+  # uses the same flags, so results compare as they would with the defaults.
+  flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
+  env['XLA_FLAGS'] = ' '.join(flags)
+  return env
+
+
+def flag(key, value):
+  if isinstance(value, tuple):
+    value = '(' + ','.join(str(v) for v in value) + ',)'
+  return f'--config.{key}={value}'
+
+
+def main_cmd(workdir, **overrides):
+  config = dict(TINY)
+  config.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  return ([sys.executable, '-m', 'segvit_jax.main', f'--config={ROOT}/configs/synthetic.py',
+           f'--workdir={workdir}'] + [flag(k, v) for k, v in config.items()])
+
+
+def losses(workdir):
+  """{step: the last logged record of that step} of metrics.jsonl (train lines)."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        out[record['step']] = record
+  return out
+
+
+def steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def wait_for(predicate, proc, timeout, what):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      out = proc.stdout.read() if proc.stdout else ''
+      raise AssertionError(f'process exited ({proc.returncode}) before {what}:\n{out[-4000:]}')
+    time.sleep(0.1)
+  proc.kill()
+  raise AssertionError(f'timed out waiting for {what}')
