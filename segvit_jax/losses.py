@@ -13,9 +13,10 @@ read straight from the label map and every shape is static under `jit`:
   1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1); both are summed over masks and divided by
   num_masks, the number of present (b, c) pairs in the global batch (at least 1).
 
-The official code builds one target list per image and loops; here every (b, c) pair is computed
-with elementwise ops followed by reductions over (H, W), which XLA fuses, and the pairs that are
-not present are masked out of the sums. Everything is computed in float32. At 640x640 with
+The official code builds one target list per image and loops; here each image's present classes
+are gathered into a fixed number of slots (static shapes; a batch with more classes in an image
+falls back to all K masks), computed with elementwise ops followed by reductions over (H, W),
+which XLA fuses, and the empty slots are masked out of the sums. Everything is computed in float32. At 640x640 with
 K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are rematerialised in
 the backward pass so that only the low-resolution mask logits are kept between the two passes.
 """
@@ -125,6 +126,36 @@ def mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndar
   return focal, dice
 
 
+def present_mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndarray,
+                        num_masks: jnp.ndarray, slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`mask_losses` computed on the present classes only, `slots` per image.
+
+  Each image's present classes are gathered into `slots` places (the rest padding) before the
+  upsampling, so the full-resolution work is B * slots masks instead of B * K (an ADE20K image
+  has about 10 of the 150 classes). When some image has more than `slots` classes, the whole
+  batch takes `mask_losses` instead: the result is the same either way (up to float rounding).
+  """
+  num_classes = mask_logits.shape[-1]
+  if slots >= num_classes:
+    return mask_losses(mask_logits, labels, present, num_masks)
+
+  def gathered(mask_logits, labels, present, num_masks):
+    # Present classes first, in class order: a stable sort of "absent" (False < True).
+    classes = jnp.argsort(~present, axis=-1, stable=True)[:, :slots]  # (B, S)
+    valid = jnp.take_along_axis(present, classes, axis=-1)
+    logits = jnp.take_along_axis(mask_logits.astype(jnp.float32), classes[:, None, None, :],
+                                 axis=-1)
+    logits = resize.resize_bilinear(logits, labels.shape[1:3])
+    targets = (labels[..., None] == classes[:, None, None, :]).astype(jnp.float32)
+    focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
+    dice = dice_loss(logits, targets, axes=(1, 2))
+    return (jnp.sum(jnp.where(valid, focal, 0.0)) / num_masks,
+            jnp.sum(jnp.where(valid, dice, 0.0)) / num_masks)
+
+  fits = jnp.max(jnp.sum(present, axis=-1)) <= slots
+  return jax.lax.cond(fits, gathered, mask_losses, mask_logits, labels, present, num_masks)
+
+
 def _check_output(output: Mapping[str, Any], name: str, batch: int, num_classes: int) -> None:
   cls_shape = tuple(output['class_logits'].shape)
   mask_shape = tuple(output['mask_logits'].shape)
@@ -138,7 +169,8 @@ def _check_output(output: Mapping[str, Any], name: str, batch: int, num_classes:
 
 def atm_loss(outputs: Mapping[str, Any], labels: jnp.ndarray, *, num_classes: int,
              no_object_weight: float = 0.1, cls_weight: float = 1.0, mask_weight: float = 20.0,
-             dice_weight: float = 1.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+             dice_weight: float = 1.0,
+             mask_slots: int = 32) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """The SegViT ATM loss of the final output and every auxiliary output, all weighted equally.
 
   Args:
@@ -148,6 +180,8 @@ def atm_loss(outputs: Mapping[str, Any], labels: jnp.ndarray, *, num_classes: in
     num_classes: K.
     no_object_weight: class-loss weight of the "no object" target.
     cls_weight, mask_weight, dice_weight: weights of class CE, sigmoid focal and dice losses.
+    mask_slots: present classes per image computed at full resolution (`present_mask_losses`);
+      only speed depends on it.
 
   Returns:
     (total, terms). `terms` holds the WEIGHTED losses under mmseg's names, as mmseg logs them:
@@ -171,7 +205,8 @@ def atm_loss(outputs: Mapping[str, Any], labels: jnp.ndarray, *, num_classes: in
     ce = class_cross_entropy(output['class_logits'], present, no_object_weight)
     # Rematerialised: the backward pass recomputes the full-resolution (B, H, W, K) logits from
     # the (B, h, w, K) ones instead of keeping one such buffer alive per output.
-    focal, dice = jax.checkpoint(mask_losses)(output['mask_logits'], labels, present, num_masks)
+    focal, dice = jax.checkpoint(present_mask_losses, static_argnums=(4,))(
+        output['mask_logits'], labels, present, num_masks, mask_slots)
     terms['loss_ce' + suffix] = cls_weight * ce
     terms['loss_mask' + suffix] = mask_weight * focal
     terms['loss_dice' + suffix] = dice_weight * dice

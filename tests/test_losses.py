@@ -180,6 +180,27 @@ def test_many_classes_few_present():
   assert 'loss_ce_1' not in terms
 
 
+@pytest.mark.parametrize('slots', [1, 3, 4, 12])
+def test_present_class_slots_give_the_same_loss_and_gradient(slots):
+  """Images with 3 and 4 classes: slots 1 and 3 take the all-classes fallback, 4 and 12 gather."""
+  rng = np.random.default_rng(5)
+  k = 12
+  labels = _labels(rng, 2, (24, 32), [2, 7, 11, IGNORE])
+  labels[1, :6] = 0
+  outputs = _outputs(rng, 2, k, (6, 8), num_aux=1)
+  ref_total, _ = reference_atm_loss(outputs, labels, k)
+
+  def loss(outs, slots):
+    return losses.atm_loss(outs, jnp.asarray(labels), num_classes=k, mask_slots=slots)[0]
+
+  total = jax.jit(loss, static_argnums=1)(outputs, slots)
+  np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)(outputs, slots)
+  full = jax.jit(jax.grad(loss), static_argnums=1)(outputs, k)
+  for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(full)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
 def test_weights_and_no_object_weight_are_applied():
   rng = np.random.default_rng(5)
   k = 5
