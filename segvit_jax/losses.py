@@ -17,10 +17,11 @@ The official code builds one target list per image and loops; here each image's 
 are gathered into a fixed number of slots (static shapes; a batch with more classes in an image
 falls back to all K masks), computed with elementwise ops followed by reductions over (H, W),
 which XLA fuses, and the empty slots are masked out of the sums. Everything is computed in float32. At 640x640 with
-K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are rematerialised in
+K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are recomputed in
 the backward pass so that only the low-resolution mask logits are kept between the two passes.
 """
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -126,34 +127,75 @@ def mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndar
   return focal, dice
 
 
+def _gathered_mask_losses(mask_logits, labels, present, num_masks, *, slots: int):
+  """`mask_losses` on each image's present classes gathered into `slots` places (first the
+  present classes in class order, then padding); exact when no image has more than `slots`."""
+  classes = jnp.argsort(~present, axis=-1, stable=True)[:, :slots]  # (B, S): a stable sort
+  valid = jnp.take_along_axis(present, classes, axis=-1)
+  logits = jnp.take_along_axis(mask_logits.astype(jnp.float32), classes[:, None, None, :],
+                               axis=-1)
+  logits = resize.resize_bilinear(logits, labels.shape[1:3])
+  targets = (labels[..., None] == classes[:, None, None, :]).astype(jnp.float32)
+  focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
+  dice = dice_loss(logits, targets, axes=(1, 2))
+  return (jnp.sum(jnp.where(valid, focal, 0.0)) / num_masks,
+          jnp.sum(jnp.where(valid, dice, 0.0)) / num_masks)
+
+
+def _fits(present, slots):
+  return jnp.max(jnp.sum(present, axis=-1)) <= slots
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def present_mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndarray,
                         num_masks: jnp.ndarray, slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """`mask_losses` computed on the present classes only, `slots` per image.
 
-  Each image's present classes are gathered into `slots` places (the rest padding) before the
-  upsampling, so the full-resolution work is B * slots masks instead of B * K (an ADE20K image
-  has about 10 of the 150 classes). When some image has more than `slots` classes, the whole
-  batch takes `mask_losses` instead: the result is the same either way (up to float rounding).
+  Each image's present classes are gathered into `slots` places before the upsampling, so the
+  full-resolution work is B * slots masks instead of B * K (an ADE20K image has about 10 of the
+  150 classes). When some image has more than `slots` classes, the batch takes `mask_losses` over
+  all K instead: the result is the same either way (up to float rounding).
+
+  The backward pass recomputes the forward from the low-resolution logits (nothing at label
+  resolution is kept between the passes), and the choice between the two ways is made inside
+  the custom gradient: differentiating through `lax.cond` would materialise the residuals of both.
   """
-  num_classes = mask_logits.shape[-1]
-  if slots >= num_classes:
+  return _switch(mask_logits, labels, present, num_masks, slots)
+
+
+def _switch(mask_logits, labels, present, num_masks, slots):
+  if slots >= mask_logits.shape[-1]:
     return mask_losses(mask_logits, labels, present, num_masks)
+  return jax.lax.cond(_fits(present, slots),
+                      functools.partial(_gathered_mask_losses, slots=slots), mask_losses,
+                      mask_logits, labels, present, num_masks)
 
-  def gathered(mask_logits, labels, present, num_masks):
-    # Present classes first, in class order: a stable sort of "absent" (False < True).
-    classes = jnp.argsort(~present, axis=-1, stable=True)[:, :slots]  # (B, S)
-    valid = jnp.take_along_axis(present, classes, axis=-1)
-    logits = jnp.take_along_axis(mask_logits.astype(jnp.float32), classes[:, None, None, :],
-                                 axis=-1)
-    logits = resize.resize_bilinear(logits, labels.shape[1:3])
-    targets = (labels[..., None] == classes[:, None, None, :]).astype(jnp.float32)
-    focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
-    dice = dice_loss(logits, targets, axes=(1, 2))
-    return (jnp.sum(jnp.where(valid, focal, 0.0)) / num_masks,
-            jnp.sum(jnp.where(valid, dice, 0.0)) / num_masks)
 
-  fits = jnp.max(jnp.sum(present, axis=-1)) <= slots
-  return jax.lax.cond(fits, gathered, mask_losses, mask_logits, labels, present, num_masks)
+def _present_mask_losses_fwd(mask_logits, labels, present, num_masks, slots):
+  return (_switch(mask_logits, labels, present, num_masks, slots),
+          (mask_logits, labels, present, num_masks))
+
+
+def _present_mask_losses_bwd(slots, residuals, cotangents):
+  mask_logits, labels, present, num_masks = residuals
+
+  def gradient(fn):
+    def of_logits(logits):
+      return jax.vjp(lambda x: fn(x, labels, present, num_masks), logits)[1](cotangents)[0]
+    return of_logits
+
+  if slots >= mask_logits.shape[-1]:
+    d_logits = gradient(mask_losses)(mask_logits)
+  else:
+    d_logits = jax.lax.cond(
+        _fits(present, slots),
+        gradient(functools.partial(_gathered_mask_losses, slots=slots)), gradient(mask_losses),
+        mask_logits)
+  # Labels, presence and the mask count come from the labels: no gradient.
+  return d_logits, None, None, jnp.zeros_like(num_masks)
+
+
+present_mask_losses.defvjp(_present_mask_losses_fwd, _present_mask_losses_bwd)
 
 
 def _check_output(output: Mapping[str, Any], name: str, batch: int, num_classes: int) -> None:
@@ -203,10 +245,10 @@ def atm_loss(outputs: Mapping[str, Any], labels: jnp.ndarray, *, num_classes: in
   terms = {}
   for suffix, output in named:
     ce = class_cross_entropy(output['class_logits'], present, no_object_weight)
-    # Rematerialised: the backward pass recomputes the full-resolution (B, H, W, K) logits from
-    # the (B, h, w, K) ones instead of keeping one such buffer alive per output.
-    focal, dice = jax.checkpoint(present_mask_losses, static_argnums=(4,))(
-        output['mask_logits'], labels, present, num_masks, mask_slots)
+    # The backward pass recomputes the full-resolution logits from the (B, h, w, K) ones instead
+    # of keeping one such buffer alive per output (see present_mask_losses).
+    focal, dice = present_mask_losses(output['mask_logits'], labels, present, num_masks,
+                                      mask_slots)
     terms['loss_ce' + suffix] = cls_weight * ce
     terms['loss_mask' + suffix] = mask_weight * focal
     terms['loss_dice' + suffix] = dice_weight * dice
