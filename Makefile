@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m segvit_jax.main --config=configs/synthetic.py --workdir=$(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-venv:
 	rm -rf $(VENV)

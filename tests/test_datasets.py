@@ -40,7 +40,14 @@ def _cfg(**kw):
 
 
 def _read(cfg, split, **kw):
-  return list(datasets.get_source(cfg, split, **kw).as_numpy_iterator())
+  """Decoded examples of a source (TFDS and folder sources yield encoded bytes)."""
+  from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  def decode(ex):
+    image, label = input_pipeline.decode_example(ex)
+    return {**ex, 'image': image, 'label': label}
+
+  return list(datasets.get_source(cfg, split, **kw).map(decode).as_numpy_iterator())
 
 
 def _build(name, manual_dir, data_dir):
