@@ -7,7 +7,8 @@ WORKDIR/predictions.png (image | ground truth | prediction) and WORKDIR/final_me
 Same model code, loss, optimizer recipe and pipeline as the paper configs; only sizes shrink:
 a 4-block ViT (width 128) with 8x8 patches trained on 64x64 crops of the 96x96 images, a
 2-stage ATM head, 5 classes. The validation images are evaluated whole, at 96x96.
-Expected: validation mIoU about 0.8 (0.83 in our runs).
+Expected: validation mIoU about 0.8 (0.83 in our runs; 3500 steps, about 5.5 min of training
+on 2 cores).
 """
 
 from segvit_jax import config_base
@@ -17,7 +18,7 @@ def get_config():
   config = config_base.get_base_config()
   config.seed = 0
   config.batch_size = 8
-  config.num_train_steps = 2500
+  config.num_train_steps = 3500
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
