@@ -16,8 +16,8 @@ read straight from the label map and every shape is static under `jit`:
 The official code builds one target list per image and loops; here each image's present classes
 are gathered into a fixed number of slots (static shapes; a batch with more classes in an image
 falls back to all K masks), computed with elementwise ops followed by reductions over (H, W),
-which XLA fuses, and the empty slots are masked out of the sums. Everything is computed in float32. At 640x640 with
-K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are recomputed in
+which XLA fuses, and the empty slots are masked out of the sums. Everything is computed in
+float32. At 640x640 with K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are recomputed in
 the backward pass so that only the low-resolution mask logits are kept between the two passes.
 """
 
@@ -104,6 +104,15 @@ def class_targets(labels: jnp.ndarray, num_classes: int) -> jnp.ndarray:
   return (labels[..., None] == jnp.arange(num_classes, dtype=labels.dtype)).astype(jnp.float32)
 
 
+def _summed_mask_losses(logits, targets, valid, num_masks):
+  """Focal and dice of (B, H, W, M) full-resolution logits vs targets, summed over the valid
+  (B, M) masks and divided by num_masks."""
+  focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
+  dice = dice_loss(logits, targets, axes=(1, 2))
+  return (jnp.sum(jnp.where(valid, focal, 0.0)) / num_masks,
+          jnp.sum(jnp.where(valid, dice, 0.0)) / num_masks)
+
+
 def mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndarray,
                 num_masks: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Focal and dice losses of one output's masks, over the present (b, c) pairs.
@@ -119,31 +128,28 @@ def mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: jnp.ndar
   """
   num_classes = mask_logits.shape[-1]
   logits = resize.resize_bilinear(mask_logits.astype(jnp.float32), labels.shape[1:3])
-  targets = class_targets(labels, num_classes)
-  focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
-  dice = dice_loss(logits, targets, axes=(1, 2))
-  focal = jnp.sum(jnp.where(present, focal, 0.0)) / num_masks
-  dice = jnp.sum(jnp.where(present, dice, 0.0)) / num_masks
-  return focal, dice
+  return _summed_mask_losses(logits, class_targets(labels, num_classes), present, num_masks)
 
 
 def _gathered_mask_losses(mask_logits, labels, present, num_masks, *, slots: int):
   """`mask_losses` on each image's present classes gathered into `slots` places (first the
   present classes in class order, then padding); exact when no image has more than `slots`."""
   classes = jnp.argsort(~present, axis=-1, stable=True)[:, :slots]  # (B, S): a stable sort
-  valid = jnp.take_along_axis(present, classes, axis=-1)
   logits = jnp.take_along_axis(mask_logits.astype(jnp.float32), classes[:, None, None, :],
                                axis=-1)
   logits = resize.resize_bilinear(logits, labels.shape[1:3])
   targets = (labels[..., None] == classes[:, None, None, :]).astype(jnp.float32)
-  focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, axes=(1, 2))
-  dice = dice_loss(logits, targets, axes=(1, 2))
-  return (jnp.sum(jnp.where(valid, focal, 0.0)) / num_masks,
-          jnp.sum(jnp.where(valid, dice, 0.0)) / num_masks)
+  valid = jnp.take_along_axis(present, classes, axis=-1)
+  return _summed_mask_losses(logits, targets, valid, num_masks)
 
 
-def _fits(present, slots):
-  return jnp.max(jnp.sum(present, axis=-1)) <= slots
+def _by_presence(present, slots, gathered, every_class, *operands):
+  """gathered(*operands) when no image has more than `slots` present classes (decided at run
+  time), every_class(*operands) otherwise or when `slots` covers all K anyway."""
+  if slots >= present.shape[-1]:
+    return every_class(*operands)
+  fits = jnp.max(jnp.sum(present, axis=-1)) <= slots
+  return jax.lax.cond(fits, gathered, every_class, *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -160,20 +166,13 @@ def present_mask_losses(mask_logits: jnp.ndarray, labels: jnp.ndarray, present: 
   resolution is kept between the passes), and the choice between the two ways is made inside
   the custom gradient: differentiating through `lax.cond` would materialise the residuals of both.
   """
-  return _switch(mask_logits, labels, present, num_masks, slots)
-
-
-def _switch(mask_logits, labels, present, num_masks, slots):
-  if slots >= mask_logits.shape[-1]:
-    return mask_losses(mask_logits, labels, present, num_masks)
-  return jax.lax.cond(_fits(present, slots),
-                      functools.partial(_gathered_mask_losses, slots=slots), mask_losses,
-                      mask_logits, labels, present, num_masks)
+  return _present_mask_losses_fwd(mask_logits, labels, present, num_masks, slots)[0]
 
 
 def _present_mask_losses_fwd(mask_logits, labels, present, num_masks, slots):
-  return (_switch(mask_logits, labels, present, num_masks, slots),
-          (mask_logits, labels, present, num_masks))
+  losses_ = _by_presence(present, slots, functools.partial(_gathered_mask_losses, slots=slots),
+                         mask_losses, mask_logits, labels, present, num_masks)
+  return losses_, (mask_logits, labels, present, num_masks)
 
 
 def _present_mask_losses_bwd(slots, residuals, cotangents):
@@ -184,13 +183,9 @@ def _present_mask_losses_bwd(slots, residuals, cotangents):
       return jax.vjp(lambda x: fn(x, labels, present, num_masks), logits)[1](cotangents)[0]
     return of_logits
 
-  if slots >= mask_logits.shape[-1]:
-    d_logits = gradient(mask_losses)(mask_logits)
-  else:
-    d_logits = jax.lax.cond(
-        _fits(present, slots),
-        gradient(functools.partial(_gathered_mask_losses, slots=slots)), gradient(mask_losses),
-        mask_logits)
+  d_logits = _by_presence(
+      present, slots, gradient(functools.partial(_gathered_mask_losses, slots=slots)),
+      gradient(mask_losses), mask_logits)
   # Labels, presence and the mask count come from the labels: no gradient.
   return d_logits, None, None, jnp.zeros_like(num_masks)
 

@@ -66,19 +66,19 @@ def main(argv):
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
-    # Leave at once: a normal exit would first wait for the other processes at the shutdown
-    # barrier while they wait for this one in a collective. Gone, this process stops sending
-    # heartbeats and the coordination service ends the others with an error naming it.
     print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
           f'{traceback.format_exc()}', file=sys.stderr, flush=True)
-    os._exit(1)  # pylint: disable=protected-access
+    _exit(1)
   if jax.process_index() == 0:
     _print_summary(result, _WORKDIR.value, int(config.get('num_prediction_images', 0)))
 
 
 def _exit(code: int) -> None:
+  """sys.exit, except in a multi-process job: there, leave without jax.distributed's shutdown
+  barrier, where this process would wait for the others while they wait for it in a collective;
+  once it is gone, the coordination service ends the others with an error naming it."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:  # as above: do not wait at the shutdown barrier
+  if jax.process_count() > 1:
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
