@@ -217,10 +217,22 @@ def torch_matrix(out_size, in_size):
   return out[0, :, :, 0].T.numpy()
 
 
-def test_dynamic_matrix_equals_torch_and_static_matrix():
-  fn = jax.jit(evaluate.dynamic_bilinear_matrix, static_argnums=(2, 3))
+def taps_matrix(taps, in_max):
+  """The (out, in) matrix that `evaluate.dynamic_bilinear_taps`' taps apply."""
+  lo, hi, w_lo, w_hi = (np.asarray(t) for t in taps)
+  m = np.zeros((lo.shape[0], in_max), np.float32)
+  rows = np.arange(lo.shape[0])
+  m[rows, lo] += w_lo
+  m[rows, hi] += w_hi
+  return m
+
+
+def test_dynamic_taps_equal_torch_and_static_matrix():
+  fn = jax.jit(evaluate.dynamic_bilinear_taps, static_argnums=2)
   for out_size, in_size in [(9, 4), (4, 9), (683, 2048), (1333, 999), (5, 5)]:
-    m = np.asarray(fn(jnp.int32(out_size), jnp.int32(in_size), out_size + 3, in_size + 2))
+    taps = fn(jnp.int32(out_size), jnp.int32(in_size), out_size + 3)
+    assert int(np.max(taps[0])) < in_size and int(np.max(taps[1])) < in_size
+    m = taps_matrix(taps, in_size + 2)
     # Same float32 index arithmetic as PyTorch: bit-exact weights.
     np.testing.assert_array_equal(m[:out_size, :in_size], torch_matrix(out_size, in_size))
     # resize.py computes the source index in float64: equal up to float32 rounding of it.
