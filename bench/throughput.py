@@ -24,8 +24,11 @@ Measured at the config's crop size (config.model.img_size), random weights, batc
 With `--torch`, the same measurements of `tests/torch_reference.py` (the official modules, eager
 PyTorch, `torch.set_num_threads` = the cores JAX gets; bfloat16 = `torch.autocast`) follow, side
 by side, with the ratio PyTorch time / JAX time (> 1: JAX is faster). Each framework runs in its own
-subprocess pinned to the same `--threads` cores, so neither's thread pool competes with the other
-and the memory peaks are separate.
+subprocess pinned to the same `--threads` cores, and the two take turns: one timed call (or setup /
+compilation) at a time, alternating, each turn ended by a short pause so that the idle thread
+pools (OpenMP, Eigen) stop spin-waiting before the other process runs. Neither competes with the
+other, a slow drift in the speed of a shared machine affects both alike, and the memory peaks
+are separate.
 
 `--xla_flags=...` sets XLA_FLAGS for the JAX worker (experiments with XLA CPU options);
 `--breakdown` times the parts of the train step separately (backbone forward / backward, head,
@@ -38,8 +41,9 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -81,6 +85,15 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Internal: the worker dtype.',
 PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('TPU v4', 275e12),
               ('TPU v5 lite', 197e12), ('TPU v5e', 197e12))
 RESULT_PREFIX = 'RESULT '
+# Worker <-> parent turn-taking (see the module docstring): the parent writes GO_LINE, the worker
+# runs until its next timed call and answers TURN_DONE (or exits after its RESULT line).
+GO_LINE = 'go'
+TURN_DONE = 'TURN_DONE'
+# Pause before handing the turn over: idle OpenMP threads spin for a while after a parallel region
+# (measured: PyTorch handing over at once slowed the JAX forward that followed by ~30%).
+SETTLE_S = 0.5
+# (start, end) of every timed call of this worker, time.monotonic() (one clock for all processes).
+_CALL_SPANS: List[List[float]] = []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,21 +113,41 @@ def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _await_turn() -> None:
+  """Blocks this worker until the parent gives it the machine."""
+  if sys.stdin.readline().strip() != GO_LINE:
+    raise SystemExit('throughput worker: the parent went away.')
+
+
+def _pass_turn() -> None:
+  """Hands the machine to the other worker and waits for it to come back."""
+  time.sleep(SETTLE_S)
+  print(TURN_DONE, flush=True)
+  _await_turn()
+
+
 def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
   """Seconds of the first call (warm-up) and the median of `steps` more; fn must block.
 
+  Every call is one turn of the alternation with the other framework's worker.
   'cpu_median_s' is the process CPU time (all threads) of the median call: on a machine shared
   with other jobs it varies less than wall time (but counts a thread pool's spin-waiting).
   """
+  _pass_turn()
+  start = time.monotonic()
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
+  _CALL_SPANS.append([start, time.monotonic()])
   times, cpu = [], []
   for _ in range(steps):
+    _pass_turn()
+    start = time.monotonic()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
+    _CALL_SPANS.append([start, time.monotonic()])
   return {'first_s': first, 'median_s': float(np.median(times)), 'min_s': float(np.min(times)),
           'times_s': times, 'cpu_median_s': float(np.median(cpu))}
 
@@ -504,19 +537,44 @@ def _worker_command(framework: str, dtype: str) -> List[str]:
           f'--dtype={dtype}']
 
 
-def _run_worker(framework: str, dtype: str) -> Dict[str, Any]:
-  env = dict(os.environ)
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  if framework == 'jax' and _XLA_FLAGS.value is not None:
-    env['XLA_FLAGS'] = _XLA_FLAGS.value
-  cmd = _worker_command(framework, dtype)
-  print(f'[{framework} {dtype}] running...', file=sys.stderr, flush=True)
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_PREFIX):
-      return json.loads(line[len(RESULT_PREFIX):])
-  raise RuntimeError(f'{framework} worker ({dtype}) failed with status {proc.returncode}:\n'
-                     f'{proc.stderr[-4000:]}')
+def _run_workers(frameworks: Sequence[str], dtype: str) -> Dict[str, Dict[str, Any]]:
+  """Runs one worker per framework, concurrently started, in strict alternation of turns."""
+  procs = {}
+  for framework in frameworks:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    if framework == 'jax' and _XLA_FLAGS.value is not None:
+      env['XLA_FLAGS'] = _XLA_FLAGS.value
+    stderr = tempfile.TemporaryFile(mode='w+')
+    procs[framework] = (subprocess.Popen(
+        _worker_command(framework, dtype), env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=stderr, text=True), stderr)
+  print(f'[{dtype}] running {" and ".join(frameworks)} in alternation...', file=sys.stderr,
+        flush=True)
+  results: Dict[str, Dict[str, Any]] = {}
+  running = list(frameworks)
+  while running:
+    for framework in list(running):
+      proc, stderr = procs[framework]
+      proc.stdin.write(GO_LINE + '\n')
+      proc.stdin.flush()
+      while True:  # its turn: until it hands the machine back or ends
+        line = proc.stdout.readline()
+        if line.startswith(RESULT_PREFIX):
+          results[framework] = json.loads(line[len(RESULT_PREFIX):])
+        elif line.strip() == TURN_DONE:
+          break
+        elif not line:
+          status = proc.wait()
+          running.remove(framework)
+          if framework not in results:
+            for other, _ in procs.values():
+              other.kill()
+            stderr.seek(0)
+            raise RuntimeError(f'{framework} worker ({dtype}) failed with status {status}:\n'
+                               f'{stderr.read()[-4000:]}')
+          break
+  return results
 
 
 def _derived(result: Dict[str, Any], config, batch: int, slide_hw) -> Dict[str, Any]:
@@ -594,6 +652,7 @@ def main(argv):
   slide_hw = tuple(int(s) for s in _SLIDE.value)
   batch = _BATCH.value
   if _WORKER.value:
+    _await_turn()
     threads = _pin_threads(_THREADS.value)
     load_start = os.getloadavg()[0]
     if _WORKER.value == 'jax':
@@ -603,6 +662,7 @@ def main(argv):
       result = run_torch(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
                          _BREAKDOWN.value, threads)
     result['threads'] = threads
+    result['call_spans'] = _CALL_SPANS
     result['load_average'] = [load_start, os.getloadavg()[0]]  # 1-minute, at start and end
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return
@@ -617,8 +677,8 @@ def main(argv):
         f'{forward_flops(config, m.img_size) / 1e9:.1f}')
   all_results = {'header': header, 'command': ' '.join(sys.argv), 'runs': []}
   for dtype in _DTYPES.value:
-    jax_r = _run_worker('jax', dtype)
-    torch_r = _run_worker('torch', dtype) if _TORCH.value else None
+    results = _run_workers(['jax', 'torch'] if _TORCH.value else ['jax'], dtype)
+    jax_r, torch_r = results['jax'], results.get('torch')
     loads = jax_r['load_average'] + (torch_r['load_average'] if torch_r else [])
     print(f'\n== {dtype} on {jax_r["device"]} (jax {jax_r["version"]}'
           + (f', torch {torch_r["version"]}' if torch_r else '')

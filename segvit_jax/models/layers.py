@@ -71,20 +71,23 @@ class Attention(nn.Module):
     q = projection('query')(queries)  # (B, Nq, H, hd)
     k = projection('key')(keys_values)
     v = projection('value')(keys_values)
-    use_dropout = self.dropout_rate > 0.0 and not deterministic
-    if self.return_mask_logits or use_dropout:  # the weights themselves are needed
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
+    scale = head_dim ** -0.5
+    if self.dropout_rate > 0.0 and not deterministic:  # the weights themselves are needed
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
-      logits = None
-      out = attend(q * jnp.asarray(head_dim ** -0.5, q.dtype), k, v)
+      out = attend(q * jnp.asarray(scale, q.dtype), k, v)
     out = nn.DenseGeneral(
         channels, axis=(-2, -1), dtype=self.dtype, name='out',
         kernel_init=partitioned(trunc_normal_02, ('heads', 'kv', 'embed')),
         bias_init=partitioned(zeros, ('embed',)))(out)
-    mask_logits = logits.mean(axis=1) if self.return_mask_logits else None
+    mask_logits = None
+    if self.return_mask_logits:
+      # The head average of the scaled per-head logits is one contraction over all heads and
+      # channels: (B, Nq, Nk) directly, without the (B, H, Nq, Nk) maps and their reduction.
+      mask_logits = jnp.einsum('bqhd,bkhd->bqk', q, k) * (scale / self.num_heads)
     return out, mask_logits
 
 
