@@ -24,11 +24,12 @@ Measured at the config's crop size (config.model.img_size), random weights, batc
 With `--torch`, the same measurements of `tests/torch_reference.py` (the official modules, eager
 PyTorch, `torch.set_num_threads` = the cores JAX gets; bfloat16 = `torch.autocast`) follow, side
 by side, with the ratio PyTorch time / JAX time (> 1: JAX is faster). Each framework runs in its own
-subprocess pinned to the same `--threads` cores, and the two take turns: one timed call (or setup /
-compilation) at a time, alternating, each turn ended by a short pause so that the idle thread
-pools (OpenMP, Eigen) stop spin-waiting before the other process runs. Neither competes with the
-other, a slow drift in the speed of a shared machine affects both alike, and the memory peaks
-are separate.
+subprocess pinned to the same `--threads` cores, and the two take turns, one running at a time:
+a turn is a setup / compilation, or one measurement's warm-up call + `--steps` timed calls, and
+each measurement gets `--rounds` turns per framework. Each turn ends with a short pause so that
+the idle thread pools (OpenMP, Eigen) stop spin-waiting before the other process runs. Neither
+competes with the other, a slow drift in the speed of a shared machine affects both alike, and
+the memory peaks are separate.
 
 `--xla_flags=...` sets XLA_FLAGS for the JAX worker (experiments with XLA CPU options);
 `--breakdown` times the parts of the train step separately (backbone forward / backward, head,
@@ -62,8 +63,10 @@ _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes: float32, bfl
                             flag_values=FLAGS)
 _TORCH = flags.DEFINE_bool('torch', False, 'Also measure the PyTorch reference model.',
                            flag_values=FLAGS)
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed repetitions of each measurement (median).',
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed calls of each measurement per round.',
                               flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Turns per measurement and framework, alternating; '
+                               'the median is over rounds x steps calls.', flag_values=FLAGS)
 _THREADS = flags.DEFINE_integer('threads', 0, 'CPU cores for each framework (0: all available).',
                                 flag_values=FLAGS)
 _SLIDE = flags.DEFINE_list('slide_size', ['512', '683'], 'H,W of the sliding-window images.',
@@ -86,13 +89,13 @@ PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('TPU v
               ('TPU v5 lite', 197e12), ('TPU v5e', 197e12))
 RESULT_PREFIX = 'RESULT '
 # Worker <-> parent turn-taking (see the module docstring): the parent writes GO_LINE, the worker
-# runs until its next timed call and answers TURN_DONE (or exits after its RESULT line).
+# runs until its next turn would start and answers TURN_DONE (or exits after its RESULT line).
 GO_LINE = 'go'
 TURN_DONE = 'TURN_DONE'
 # Pause before handing the turn over: idle OpenMP threads spin for a while after a parallel region
 # (measured: PyTorch handing over at once slowed the JAX forward that followed by ~30%).
 SETTLE_S = 0.5
-# (start, end) of every timed call of this worker, time.monotonic() (one clock for all processes).
+# (start, end) of every turn of this worker, time.monotonic() (one clock for all processes).
 _CALL_SPANS: List[List[float]] = []
 
 
@@ -127,26 +130,30 @@ def _pass_turn() -> None:
 
 
 def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
-  """Seconds of the first call (warm-up) and the median of `steps` more; fn must block.
+  """Seconds of the first call (warm-up) and the median of the timed calls; fn must block.
 
-  Every call is one turn of the alternation with the other framework's worker.
+  The calls run in `--rounds` turns of the alternation with the other framework's worker, each
+  turn a warm-up call and `steps` timed calls back to back. Back to back, because a loop's steady
+  state is what counts: a call after an idle pause pays again for memory the (virtual) machine
+  took back meanwhile (measured: the JAX train step, 11.8 s in a loop, took 16.3 s when every call
+  was a turn of its own). Several turns, so that both frameworks sample the same drift in the
+  speed of a shared machine.
   'cpu_median_s' is the process CPU time (all threads) of the median call: on a machine shared
   with other jobs it varies less than wall time (but counts a thread pool's spin-waiting).
   """
-  _pass_turn()
-  start = time.monotonic()
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  _CALL_SPANS.append([start, time.monotonic()])
+  first = None
   times, cpu = [], []
-  for _ in range(steps):
+  for _ in range(_ROUNDS.value):
     _pass_turn()
     start = time.monotonic()
-    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
+    if first is None:
+      first = time.monotonic() - start
+    for _ in range(steps):
+      t0, c0 = time.perf_counter(), time.process_time()
+      fn()
+      times.append(time.perf_counter() - t0)
+      cpu.append(time.process_time() - c0)
     _CALL_SPANS.append([start, time.monotonic()])
   return {'first_s': first, 'median_s': float(np.median(times)), 'min_s': float(np.min(times)),
           'times_s': times, 'cpu_median_s': float(np.median(cpu))}

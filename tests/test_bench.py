@@ -15,7 +15,8 @@ def test_throughput_runs_jax_and_torch_in_alternation(tmp_path):
       [sys.executable, os.path.join(ROOT, 'bench', 'throughput.py'),
        '--config=' + os.path.join(ROOT, 'configs', 'synthetic.py'),
        '--config.model.patch_size=16',  # the PyTorch reference's patch size
-       '--batch_size=2', '--steps=2', '--slide_size=64,96', '--torch', f'--json={out}'],
+       '--batch_size=2', '--steps=2', '--rounds=2', '--slide_size=64,96', '--torch',
+       f'--json={out}'],
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'PyTorch/JAX' in proc.stdout
@@ -23,15 +24,15 @@ def test_throughput_runs_jax_and_torch_in_alternation(tmp_path):
   assert run['dtype'] == 'float32'
   for framework in ('jax', 'torch'):
     result = run[framework]
-    for key in ('train', 'infer', 'slide'):
-      assert len(result[key]['times_s']) == 2 and result[key]['median_s'] > 0, (framework, key)
-    # 3 measurements x (warm-up + 2 timed calls).
-    assert len(result['call_spans']) == 9, framework
+    for key in ('train', 'infer', 'slide'):  # 2 rounds x 2 timed calls
+      assert len(result[key]['times_s']) == 4 and result[key]['median_s'] > 0, (framework, key)
+    # 3 measurements x 2 rounds.
+    assert len(result['call_spans']) == 6, framework
   assert run['jax']['compile_train_s'] > 0
-  # Strict turns: no JAX call overlaps a PyTorch call.
+  # Strict turns: no JAX turn overlaps a PyTorch turn.
   spans = sorted([(s, e, 'jax') for s, e in run['jax']['call_spans']]
                  + [(s, e, 'torch') for s, e in run['torch']['call_spans']])
   for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
     assert start >= end
-  # ... and they alternate, call by call.
-  assert [who for _, _, who in spans] == ['jax', 'torch'] * 9
+  # ... and they alternate.
+  assert [who for _, _, who in spans] == ['jax', 'torch'] * 6
