@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
 
   Call: `(queries (B, Nq, d), memory (B, Nk, d), deterministic)` ->
   `(queries, mask_logits (B, Nq, Nk))`. The mask comes from the cross-attention whose queries are
-  the output of self-attention + norm1; in QU (standard decoders) it is simply not used.
+  the output of self-attention + norm1; QU (standard decoders) has none: mask_logits is None.
   `standard_cross_attn`: torch's own cross-attention (QU) rather than ATM's `Attention`; the
   computation is the same, only the initialisation differs (xavier `in_proj` vs trunc-normal q/k/v).
   """
@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         name='self_attn')(t, t, deterministic)
     t = layers.layer_norm('norm1', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
     attended, mask_logits = layers.Attention(
-        self.num_heads, self.dropout_rate, return_mask_logits=True, dtype=self.dtype,
+        self.num_heads, self.dropout_rate, return_mask_logits=not self.standard_cross_attn,
+        dtype=self.dtype,
         kernel_init=in_proj_init if self.standard_cross_attn else layers.trunc_normal_02,
         name='cross_attn')(t, memory, deterministic)
     t = layers.layer_norm('norm2', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
