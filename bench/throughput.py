@@ -96,7 +96,7 @@ TURN_DONE = 'TURN_DONE'
 # (measured: PyTorch handing over at once slowed the JAX forward that followed by ~30%).
 SETTLE_S = 0.5
 # (start, end) of every turn of this worker, time.monotonic() (one clock for all processes).
-_CALL_SPANS: List[List[float]] = []
+_TURN_SPANS: List[List[float]] = []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,13 +148,13 @@ def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
     start = time.monotonic()
     fn()
     if first is None:
-      first = time.monotonic() - start
+      first = time.monotonic() - start  # compilation-warm, memory-cold: the loop's first step
     for _ in range(steps):
       t0, c0 = time.perf_counter(), time.process_time()
       fn()
       times.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
-    _CALL_SPANS.append([start, time.monotonic()])
+    _TURN_SPANS.append([start, time.monotonic()])
   return {'first_s': first, 'median_s': float(np.median(times)), 'min_s': float(np.min(times)),
           'times_s': times, 'cpu_median_s': float(np.median(cpu))}
 
@@ -669,7 +669,7 @@ def main(argv):
       result = run_torch(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
                          _BREAKDOWN.value, threads)
     result['threads'] = threads
-    result['call_spans'] = _CALL_SPANS
+    result['turn_spans'] = _TURN_SPANS
     result['load_average'] = [load_start, os.getloadavg()[0]]  # 1-minute, at start and end
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return

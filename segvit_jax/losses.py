@@ -17,8 +17,9 @@ The official code builds one target list per image and loops; here each image's 
 are gathered into a fixed number of slots (static shapes; a batch with more classes in an image
 falls back to all K masks), computed with elementwise ops followed by reductions over (H, W),
 which XLA fuses, and the empty slots are masked out of the sums. Everything is computed in
-float32. At 640x640 with K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask losses are recomputed in
-the backward pass so that only the low-resolution mask logits are kept between the two passes.
+float32. At 640x640 with K = 150 one (B, H, W, K) float32 tensor is 246 MB per image: the mask
+losses are recomputed in the backward pass so that only the low-resolution mask logits are kept
+between the two passes.
 """
 
 import functools

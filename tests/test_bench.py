@@ -27,11 +27,11 @@ def test_throughput_runs_jax_and_torch_in_alternation(tmp_path):
     for key in ('train', 'infer', 'slide'):  # 2 rounds x 2 timed calls
       assert len(result[key]['times_s']) == 4 and result[key]['median_s'] > 0, (framework, key)
     # 3 measurements x 2 rounds.
-    assert len(result['call_spans']) == 6, framework
+    assert len(result['turn_spans']) == 6, framework
   assert run['jax']['compile_train_s'] > 0
   # Strict turns: no JAX turn overlaps a PyTorch turn.
-  spans = sorted([(s, e, 'jax') for s, e in run['jax']['call_spans']]
-                 + [(s, e, 'torch') for s, e in run['torch']['call_spans']])
+  spans = sorted([(s, e, 'jax') for s, e in run['jax']['turn_spans']]
+                 + [(s, e, 'torch') for s, e in run['torch']['turn_spans']])
   for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
     assert start >= end
   # ... and they alternate.
