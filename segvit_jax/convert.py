@@ -664,10 +664,7 @@ def convert_state_dict(state: Mapping[str, Any], abstract_params, name: str,
 def abstract_variables(model_config: ml_collections.ConfigDict):
   """(model, abstract variables) of a model config, without allocating parameters."""
   model = segvit.build_model(model_config)
-  size = tuple(model_config.img_size)
-  variables = jax.eval_shape(lambda: nn.unbox(model.init(
-      {'params': jax.random.key(0)}, jnp.zeros((1, *size, 3), jnp.float32), train=False)))
-  return model, variables
+  return model, {'params': nn.unbox(segvit.abstract_params(model))}
 
 
 def _state_kind(state: Mapping[str, Any]) -> Optional[str]:

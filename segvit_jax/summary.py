@@ -30,12 +30,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
-import jax
+import flax.linen as nn
 import jax.extend.core as jcore
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 Counts = collections.Counter  # kind ('matmul', 'norm', 'upsample') -> FLOPs
 KINDS = ('matmul', 'norm', 'upsample')
@@ -317,15 +315,9 @@ def jaxpr_macs(jaxpr, constant_inputs: Sequence[bool] = (),
 def param_counts(model_config: ml_collections.ConfigDict) -> Dict[str, int]:
   """{'backbone', 'head', 'total'} parameter counts, from shapes only (`jax.eval_shape`)."""
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
-  model = segvit.build_model(model_config)
-  images = jax.ShapeDtypeStruct((1, *model_config.img_size, 3), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init({'params': jax.random.key(0)}, x, train=False), images)
-  params = variables['params']
-  counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params[name]))
-            for name in ('backbone', 'head')}
-  counts['total'] = counts['backbone'] + counts['head']
-  return counts
+  params = nn.unbox(segvit.abstract_params(segvit.build_model(model_config)))
+  backbone, head = segvit.param_counts(params)
+  return {'backbone': backbone, 'head': head, 'total': backbone + head}
 
 
 def summarize(config: ml_collections.ConfigDict,

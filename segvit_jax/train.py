@@ -75,11 +75,6 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   return segvit.build_model(config.model)
 
 
-def _init_images(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-  h, w = config.model.img_size
-  return jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-
-
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
   """(init key, dropout base key) of a seed; inside jit, so no device transfer is needed."""
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
@@ -97,13 +92,7 @@ class StateSpec:
 def state_spec(model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
   """Shapes and shardings of the train state, without allocating any of it."""
-  images = _init_images(config)
-
-  def init_variables():
-    return model.init({'params': _keys(config.seed)[0]}, jnp.zeros(images.shape, images.dtype),
-                      train=False)
-
-  boxed = jax.eval_shape(init_variables)['params']
+  boxed = segvit.abstract_params(model)
   param_shardings = sharding.logical_to_shardings(boxed, mesh)
   params = nn.unbox(boxed)
   opt_state = jax.eval_shape(tx.init, params)
@@ -121,12 +110,8 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation,
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, spec: StateSpec) -> TrainState:
   """A freshly initialised state, each leaf created directly in its shards."""
-  images = _init_images(config)
-
   def init():
-    variables = model.init({'params': _keys(config.seed)[0]},
-                           jnp.zeros(images.shape, images.dtype), train=False)
-    params = nn.unbox(variables['params'])
+    params = nn.unbox(segvit.init_variables(model, _keys(config.seed)[0])['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   # Traced without logical-axis rules: the layout comes from `out_shardings` alone. (Under the

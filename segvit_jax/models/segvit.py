@@ -105,6 +105,19 @@ def build_model(model_config: ml_collections.ConfigDict) -> SegViT:
   return SegViT(ml_collections.FrozenConfigDict(model_config))
 
 
+def init_variables(model: SegViT, key: jax.Array) -> Dict[str, Any]:
+  """Freshly initialised variables, traced at the stored `img_size`; leaves boxed with their
+  logical axis names (`nn.Partitioned`, see `segvit_jax.sharding`)."""
+  h, w = model.config.img_size
+  return model.init({'params': key}, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+
+
+def abstract_params(model: SegViT) -> Dict[str, Any]:
+  """The params as boxed `jax.ShapeDtypeStruct`s (`jax.eval_shape` of the init): nothing is
+  allocated. `nn.unbox` gives the plain tree of shapes."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))['params']
+
+
 def param_counts(params: Dict[str, Any]) -> Tuple[int, int]:
   """(backbone, head) parameter counts of a params tree (arrays or ShapeDtypeStructs)."""
   def count(tree):
