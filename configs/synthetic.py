@@ -20,10 +20,10 @@ def get_config():
   config.batch_size = 8
   config.num_train_steps = 3500
   config.log_every_steps = 50
-  config.eval_every_steps = 500
+  config.evals.val.every_steps = 500
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
-  config.num_prediction_images = 6
+  config.evals.figure.num_images = 6
 
   m = config.model
   m.img_size = (64, 64)  # the train crop

@@ -111,3 +111,32 @@ def training_checkpoint_root(path: str) -> Optional[str]:
     if _has_step_dirs(candidate):
       return candidate
   return None
+
+
+# Interim API (replaced by the checkpoint I/O layer).
+def load_params(path, abstract_params, config=None):
+  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
+  if convert.is_converted_dir(path):
+    return convert.restore_params(path, abstract_params), convert.load_converted_config(path)
+  root = training_checkpoint_root(path)
+  ckpt = Checkpointer(root, async_save=False, read_only=True)
+  try:
+    return ckpt.restore_params(ckpt.latest_step(), abstract_params), None
+  finally:
+    ckpt.close()
+
+
+def params_step(path):
+  root = training_checkpoint_root(path)
+  if root is None:
+    return 0
+  ckpt = Checkpointer(root, async_save=False, read_only=True)
+  try:
+    return int(ckpt.latest_step())
+  finally:
+    ckpt.close()
+
+
+def write_config(path, config):
+  with fileio.open_file(path, 'w') as f:
+    f.write(config.to_json_best_effort(indent=1))

@@ -88,15 +88,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.batch_size = 16  # global, over all hosts and devices
   config.num_train_steps = 160_000
   config.log_every_steps = 50
-  config.eval_every_steps = 4000
   config.checkpoint_every_steps = 16_000
   config.keep_checkpoints = 3  # the last N; the best by mIoU is kept as well
   config.mesh = 'data:-1'  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
   config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
   config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
-  config.num_prediction_images = 4  # eval examples drawn to WORKDIR/predictions.png (0: none)
-  config.fault_hang_after_step = -1  # tests: after this step's checkpoint, wait to be killed
-  config.fault_raise_after_step = -1  # tests: after this step, raise an error on the last process
 
   config.model = m = ml_collections.ConfigDict()
   m.name = 'segvit'  # 'segvit' (ViT + ATM head) or 'segvit_shrunk' (QD in the ViT, QU + ATM head)
@@ -159,6 +155,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.synthetic_num_val = 100
   d.synthetic_seed = 0  # source 'synthetic': example i of a split depends on (seed, split, i)
 
+  # What the run evaluates (segvit_jax.evaluators): every_steps N > 0 after every N-th step and
+  # the last; -1 after the last step only; 0 never. Metrics are named '<entry>/<metric>'.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.val = dict(type='miou', every_steps=4000)  # mIoU & co.; picks the best checkpoint
+  config.evals.figure = dict(type='figure', every_steps=-1, num_images=4)  # predictions.png
+
+  # How a model is evaluated: test resize, windows, TTA (mmseg's test_cfg and test pipeline).
   config.eval = e = ml_collections.ConfigDict()
   e.mode = 'slide'  # 'slide' or 'whole'
   e.crop_size = (640, 640)

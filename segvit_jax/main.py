@@ -7,18 +7,24 @@ r"""Command line: train (resuming by itself) or evaluate a SegViT.
       --config.init_checkpoint=/ckpt/segvit_ade20k_large_converted
 
 Any config key can be overridden as --config.key=value. In train mode the run continues from the
-latest checkpoint in WORKDIR/checkpoints if there is one. Exit codes: 0 when done or preempted
-(SIGTERM: the current step is saved first), 1 when the loss became non-finite.
+latest checkpoint in WORKDIR/checkpoints if there is one. Exit status: 0 when done or preempted
+(SIGTERM: the current step is saved first), 130 after Ctrl-C (the current step is saved first;
+a second Ctrl-C stops at once), 1 for a configuration or input the run cannot use (one line
+`error: ...`, before anything is compiled) and when the loss became non-finite.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from segvit_jax import cli
+from segvit_jax import fileio
+from segvit_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py); override keys with --config.key=v.',
@@ -32,45 +38,47 @@ _COORDINATOR = flags.DEFINE_string(
     'jax.distributed.initialize). TPU VM slices and SLURM jobs are detected without it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process jobs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process jobs: this process, 0-based.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # TensorFlow only feeds the input pipeline: keep it off any accelerator.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax import distributed  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+def check_workdir(workdir: str) -> None:
+  """UserError unless `workdir` is (or can be made) a writable local folder; URLs pass.
 
+  Tried for real (the folders made and a file written, then removed): permission bits do not
+  tell for root or on read-only mounts.
+  """
+  if fileio.is_url(workdir):
+    return
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'--workdir={workdir} is a file; give a directory (new or a previous run).')
+  missing = path
+  while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+    missing = os.path.dirname(missing)
+  created = not os.path.exists(path)
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}: {e.filename or path}); '
+                    'choose a directory you can write to.') from e
+  finally:
+    if created and os.path.isdir(missing):
+      shutil.rmtree(missing, ignore_errors=True)
 
-  config = _CONFIG.value
-  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
-  try:
-    if _MODE.value == 'eval':
-      train.evaluate_checkpoint(config, _WORKDIR.value)
-      return
-    result = train.train_and_evaluate(config, _WORKDIR.value)
-  except train.NonFiniteLossError as e:
-    logging.error('%s', e)
-    print(f'ERROR: {e}', file=sys.stderr, flush=True)
-    _exit(1)
-  except Exception:  # pylint: disable=broad-except
-    if jax.process_count() == 1:
-      raise
-    print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
-          f'{traceback.format_exc()}', file=sys.stderr, flush=True)
-    _exit(1)
-  if jax.process_index() == 0:
-    _print_summary(result, _WORKDIR.value, int(config.get('num_prediction_images', 0)))
+
+def _print_summary(result: dict) -> None:
+  """The last lines of a run: where it stopped and what it wrote."""
+  if result.get('stopped_by'):
+    return  # the loop said where it saved
+  miou = next((k for k in result if k.endswith('/miou')), None)
+  if miou:
+    name = miou[:-len('/miou')]
+    where = f' ({result["metrics_file"]})' if result.get('metrics_file') else ''
+    print(f'Validation: mIoU {result[miou]:.4f}, mAcc {result[name + "/macc"]:.4f}, '
+          f'aAcc {result[name + "/aacc"]:.4f} at step {result["step"]}{where}', flush=True)
+  if result.get('figure_file'):
+    print(f'Predictions: {result["figure_file"]}', flush=True)
 
 
 def _exit(code: int) -> None:
@@ -84,17 +92,65 @@ def _exit(code: int) -> None:
   sys.exit(code)
 
 
-def _print_summary(result: dict, workdir: str, config_num_predictions: int) -> None:
-  """Last lines of a run, after the library logs: where it stopped and what it wrote."""
-  if 'preempted_at_step' in result:
-    print(f'Preempted at step {result["preempted_at_step"]}; rerun the same command to resume.')
-    return
-  if 'eval/miou' in result:
-    print(f'Validation: mIoU {result["eval/miou"]:.4f}, mAcc {result["eval/macc"]:.4f}, '
-          f'aAcc {result["eval/aacc"]:.4f} ({workdir}/final_metrics.json)')
-  if 'eval/miou' in result and config_num_predictions > 0:
-    print(f'Predictions: {os.path.join(workdir, "predictions.png")}')
+def _start_jax(config) -> None:
+  """TensorFlow off the accelerators, jax.distributed joined, the config checked against the
+  devices and processes: all before anything is compiled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from segvit_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  from segvit_jax import preflight  # pylint: disable=g-import-not-at-top
+  preflight.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (seconds to import)
+  tf.config.set_visible_devices([], 'GPU')
+
+
+def _run(config, workdir: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    if _MODE.value == 'eval':
+      return train.evaluate_checkpoint(config, workdir)
+    return train.train_and_evaluate(config, workdir)
+  except train.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    _exit(1)
+  except (UserError, KeyboardInterrupt):
+    raise
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
+          f'{traceback.format_exc()}', file=sys.stderr, flush=True)
+    _exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}: every option is --name=value.')
+  config, workdir = cli.config_value(_CONFIG), _WORKDIR.value
+  if config is None or not workdir:
+    raise UserError('--config=configs/X.py and --workdir=DIR are required.')
+  check_workdir(workdir)
+  existed = fileio.exists(workdir)
+  try:
+    _start_jax(config)
+    result = _run(config, workdir)
+  except UserError:
+    if not existed and not fileio.is_url(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # leave no half-made workdir behind
+    raise
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    _print_summary(result)
+  return cli.EXIT_INTERRUPTED if result.get('stopped_by') == 'SIGINT' else 0
+
+
+def run():
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

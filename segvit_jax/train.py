@@ -1,6 +1,6 @@
-"""The training loop: mesh, sharded state, the train step, checkpoints, evaluation, logging.
+"""The training loop: mesh, sharded state, the train step, checkpoints, evaluators, logging.
 
-    train_and_evaluate(config, workdir)   # resumes from WORKDIR/checkpoints by itself
+    train_and_evaluate(config, workdir)   # trains, resuming from WORKDIR/checkpoints by itself
     evaluate_checkpoint(config, workdir)  # --mode=eval: config.init_checkpoint or the latest step
 
 Conventions:
@@ -10,12 +10,13 @@ Conventions:
   therefore repeats, bit for bit, what an uninterrupted run does from step s + 1.
 - Parameters and optimizer state are laid out by the logical-axis rules of `sharding` and are
   created already sharded (`jax.eval_shape`, then `jit` with `out_shardings`).
-- Losses stay on device; they are fetched at log steps, before every checkpoint and at the end,
-  and every fetched step is checked for a non-finite loss before anything is saved, so a
-  diverged state never replaces a good checkpoint.
-- SIGTERM (preemption) finishes the current step, saves it and returns normally (exit code 0).
-- Only process 0 writes logs, TensorBoard events, metrics.jsonl and images; every process
-  takes part in checkpoints.
+- Losses stay on device; they are fetched at log steps and before every checkpoint, and every
+  fetched step is checked for a non-finite loss before anything is saved, so a diverged state
+  never replaces a good checkpoint.
+- SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current step, save it and return; a second
+  Ctrl-C stops at once.
+- Only process 0 writes logs, TensorBoard events, metrics.jsonl and pictures; every process takes
+  part in checkpoints.
 """
 
 import dataclasses
@@ -25,9 +26,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
-from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 import flax
@@ -40,16 +40,24 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as checkpoint_lib
-from segvit_jax import evaluate as evaluate_lib
+from segvit_jax import console
+from segvit_jax import evaluators as evaluators_lib
 from segvit_jax import fileio
 from segvit_jax import losses
 from segvit_jax import optim
 from segvit_jax import sharding
+from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
 PyTree = Any
 
+# Steps the host may dispatch ahead of the devices: a stop signal is acted on within a few steps,
+# and few batches wait in device memory.
 _MAX_STEPS_IN_FLIGHT = 2
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and the loss terms."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,16 +71,11 @@ class TrainState:
   opt_state: PyTree
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the message names the step and the loss terms."""
-
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  if config.model.num_classes != config.dataset.num_classes:
-    raise ValueError(
-        f'config.model.num_classes={config.model.num_classes} differs from '
-        f'config.dataset.num_classes={config.dataset.num_classes}; set both to the dataset\'s K.')
-  return segvit.build_model(config.model)
+@dataclasses.dataclass
+class StateSpec:
+  """What the sharded state looks like: shapes with their target shardings."""
+  abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding set
+  shardings: TrainState  # leaves: NamedSharding
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -81,16 +84,7 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, dropout_key
 
 
-@dataclasses.dataclass
-class StateSpec:
-  """What the sharded state looks like: shapes with their target shardings."""
-  abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding set
-  shardings: TrainState  # leaves: NamedSharding
-  boxed_params: PyTree  # abstract params with their nn.Partitioned logical names
-
-
-def state_spec(model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
+def state_spec(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -> StateSpec:
   """Shapes and shardings of the train state, without allocating any of it."""
   boxed = segvit.abstract_params(model)
   param_shardings = sharding.logical_to_shardings(boxed, mesh)
@@ -103,51 +97,25 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation,
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=opt_state)
-  abstract = checkpoint_lib.abstract_like(abstract_state, shardings)
-  return StateSpec(abstract=abstract, shardings=shardings, boxed_params=boxed)
+  return StateSpec(checkpoint_lib.abstract_like(abstract_state, shardings), shardings)
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, spec: StateSpec) -> TrainState:
-  """A freshly initialised state, each leaf created directly in its shards."""
+  """A freshly initialised state, each leaf created directly in its shards.
+
+  Traced without logical-axis rules: the layout comes from `out_shardings` alone.
+  """
   def init():
     params = nn.unbox(segvit.init_variables(model, _keys(config.seed)[0])['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  # Traced without logical-axis rules: the layout comes from `out_shardings` alone. (Under the
-  # rules, flax's DenseGeneral applies its 3-d logical names to the flat 2-d kernel it
-  # initialises, which fails on a mesh.)
-  with nn.logical_axis_rules(()):
-    return jax.jit(init, out_shardings=spec.shardings)()
+  return jax.jit(init, out_shardings=spec.shardings)()
 
 
 def state_with_params(params: PyTree, tx: optax.GradientTransformation,
-                      spec: StateSpec, *, source: str) -> TrainState:
-  """A step-0 state around given (host or device) params, laid out as `spec` says.
-
-  `source` names where the params come from, for the error when their tree does not match.
-  """
-  expected = spec.abstract.params
-  want = {jax.tree_util.keystr(k): (tuple(v.shape), v.dtype)
-          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(k): (tuple(np.shape(v)), getattr(v, 'dtype', None))
-         for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  wrong = sorted(k for k in set(want) & set(got) if want[k][0] != got[k][0])
-  if missing or extra or wrong:
-    raise ValueError(
-        f'The parameters from {source} do not fit config.model: '
-        f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
-        f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}, '
-        f'wrong shapes {[(k, got[k][0], want[k][0]) for k in wrong[:5]]}.')
-  def cast(x, a):
-    if not isinstance(x, jax.Array):
-      return np.asarray(x, a.dtype)
-    return x if x.dtype == a.dtype else x.astype(a.dtype)
-
-  params = jax.tree.map(cast, params, expected)
-  params = jax.device_put(params, spec.shardings.params)
-
+                      spec: StateSpec) -> TrainState:
+  """A step-0 state around given params (already laid out as `spec.abstract.params`)."""
   def init(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -171,24 +139,34 @@ def _micro_batches(x: jax.Array, num: int, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _accumulated(grad_fn, params, images, labels, rng, accum: int, mesh: Mesh):
+  """Mean loss, terms and gradients over `accum` strided micro-batches, scanned."""
+  def body(carry, inputs):
+    index, x, y = inputs
+    (loss, terms), grads = grad_fn(params, x, y, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+  micro = images.shape[0] // accum
+  shapes = jax.eval_shape(grad_fn, params, images[:micro], labels[:micro], rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1],
+                                                                shapes[1]))
+  inputs = (jnp.arange(accum), _micro_batches(images, accum, mesh),
+            _micro_batches(labels, accum, mesh))
+  (loss, terms, grads), _ = jax.lax.scan(body, zeros, inputs)
+  return jax.tree.map(lambda t: t / accum, ((loss, terms), grads))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array],
                     config: ml_collections.ConfigDict, mesh: Mesh,
                     state_shardings: TrainState) -> Callable[..., Any]:
   """The jitted (state, batch) -> (state, metrics); the state's buffers are donated.
 
+  batch: {'image': (B, H, W, 3) float32 normalised, 'label': (B, H, W) int32, 255 = ignore}.
   metrics: {'loss', every loss term, 'grad_norm', 'learning_rate'} float32 scalars, replicated.
   """
   num_classes = config.model.num_classes
   accum = int(config.optim.grad_accum_steps)
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(f'config.optim.grad_accum_steps={accum} must be >= 1 and divide '
-                     f'config.batch_size={config.batch_size}.')
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if (config.batch_size // accum) % shards:
-    raise ValueError(
-        f'config.batch_size / config.optim.grad_accum_steps = {config.batch_size // accum} '
-        f'must be divisible by data x fsdp = {shards} of config.mesh={config.mesh!r}.')
   loss_kwargs = dict(config.loss)
 
   def batch_sharded(tree):
@@ -200,38 +178,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     images, labels = batch_sharded((images, labels))
     outputs = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
     outputs = batch_sharded(outputs)
-    total, terms = losses.atm_loss(outputs, labels, num_classes=num_classes, **loss_kwargs)
-    return total, terms
+    return losses.atm_loss(outputs, labels, num_classes=num_classes, **loss_kwargs)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(_keys(config.seed)[1], state.step)
-    images = batch['image']
-    labels = batch['label']
     if accum == 1:
-      (loss, terms), grads = grad_fn(state.params, images, labels, rng)
+      (loss, terms), grads = grad_fn(state.params, batch['image'], batch['label'], rng)
     else:
-      def body(carry, inputs):
-        grad_sum, loss_sum, terms_sum = carry
-        index, x, y = inputs
-        (loss, terms), grads = grad_fn(state.params, x, y, jax.random.fold_in(rng, index))
-        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss,
-                jax.tree.map(jnp.add, terms_sum, terms)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      terms_shape = jax.eval_shape(
-          lambda: grad_fn(state.params, images[:images.shape[0] // accum],
-                          labels[:labels.shape[0] // accum], rng)[0][1])
-      zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
-      inputs = (jnp.arange(accum), _micro_batches(images, accum, mesh),
-                _micro_batches(labels, accum, mesh))
-      (grads, loss, terms), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), zero_terms), inputs)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-      terms = jax.tree.map(lambda t: t / accum, terms)
-
+      (loss, terms), grads = _accumulated(grad_fn, state.params, batch['image'], batch['label'],
+                                          rng, accum, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
@@ -247,88 +204,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging.
+# Metrics on the host: the non-finite gate, writers, progress.
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per `write_scalars` call to a file: {'step': s, name: value, ...}.
-
-  Flushed after every line, so a killed run leaves every line it logged. NaN becomes null.
-  """
-
-  def __init__(self, path: str):
-    self._file = fileio.open_file(path, 'a')
-
-  def write_scalars(self, step, scalars):
-    record = {'step': int(step)}
-    for key, value in scalars.items():
-      value = float(value)
-      record[key] = value if math.isfinite(value) else None
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
+def itstime(step: int, every: int, last_step: int) -> bool:
+  """Whether a periodic action runs after `step`: every N-th step and the last one (N > 0),
+  only the last one (N = -1), never (N = 0)."""
+  if every == 0:
+    return False
+  return step == last_step or (every > 0 and step % every == 0)
 
 
-class _NullWriter(JsonlWriter):
-  """What processes other than 0 write: nothing."""
-
-  def __init__(self):  # pylint: disable=super-init-not-called
-    pass
-
-  def write_scalars(self, step, scalars):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard events + WORKDIR/metrics.jsonl on process 0; nothing on the others."""
-  if jax.process_index() != 0:
-    return _NullWriter()
-  return metric_writers.MultiWriter([
-      metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
-  ])
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
-
-
-class _Pending:
+class PendingMetrics:
   """Per-step metrics still on device since the last fetch."""
 
   def __init__(self):
@@ -336,19 +223,22 @@ class _Pending:
 
   def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
     self.items.append((step, metrics))
+    if len(self.items) > _MAX_STEPS_IN_FLIGHT:
+      jax.block_until_ready(self.items[-1 - _MAX_STEPS_IN_FLIGHT][1])
 
-  def fetch(self) -> list[tuple[int, dict[str, float]]]:
-    """Fetches every pending step; raises NonFiniteLossError at the first non-finite loss."""
+  def fetch_mean(self) -> Optional[dict[str, float]]:
+    """Means over the pending steps (the learning rate: the last step's), None if none.
+
+    Raises NonFiniteLossError at the first step with a non-finite loss or gradient: a finite
+    loss with a non-finite gradient would write NaN parameters into that step's state.
+    """
     if not self.items:
-      return []
+      return None
     steps = [s for s, _ in self.items]
-    values = jax.device_get([m for _, m in self.items])
+    values = [{k: float(v) for k, v in m.items()} for m in jax.device_get(
+        [m for _, m in self.items])]
     self.items = []
-    fetched = []
     for step, metrics in zip(steps, values):
-      metrics = {k: float(v) for k, v in metrics.items()}
-      # A finite loss with a non-finite gradient would write NaN parameters into this step's
-      # state, so both are checked before anything after them is saved.
       if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
         terms = ', '.join(f'{k}={v:.6g}' for k, v in sorted(metrics.items()))
         what = 'loss' if not math.isfinite(metrics['loss']) else 'gradient'
@@ -356,495 +246,368 @@ class _Pending:
             f'Non-finite {what} at step {step}: {terms}. Training stopped; the checkpoints in '
             'the workdir are from before this step. Lower config.optim.learning_rate or check '
             'the data.')
-      fetched.append((step, metrics))
-    return fetched
+    mean = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+    mean['learning_rate'] = values[-1]['learning_rate']
+    return mean
 
 
-def _mean_metrics(fetched: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
-  """Means over the logged interval; the learning rate is the last step's."""
-  keys = fetched[-1][1].keys()
-  out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
-  out['learning_rate'] = fetched[-1][1]['learning_rate']
-  return out
+class MetricsWriter:
+  """TensorBoard events (clu) and WORKDIR/metrics.jsonl: one JSON object per write, NaN as
+  null, flushed at once so a killed run keeps every line. Process 0 only."""
+
+  def __init__(self, workdir: str):
+    self._main = jax.process_index() == 0
+    self._writer = metric_writers.create_default_writer(
+        workdir if self._main else None, just_logging=not self._main)
+    self._jsonl = (fileio.open_file(os.path.join(workdir, 'metrics.jsonl'), 'a')
+                   if self._main else None)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._writer.write_scalars(step, scalars)
+    if self._jsonl is not None:
+      record = {'step': int(step)}
+      record.update({k: float(v) if math.isfinite(float(v)) else None
+                     for k, v in scalars.items()})
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation and pictures.
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
 
 
-def _class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  try:
-    from segvit_jax import palettes  # pylint: disable=g-import-not-at-top
-    return tuple(palettes.class_names(config.dataset.name, config.dataset.num_classes))
-  except (ImportError, ValueError):
-    return tuple(str(k) for k in range(config.dataset.num_classes))
+class Progress:
+  """Training speed and ETA, counted from the end of the first (compiling) step of this run,
+  with evaluation time left out."""
 
+  def __init__(self, start_step: int, num_steps: int):
+    self.num_steps = num_steps
+    self._mark = (start_step, time.time())
+    self._run_start = time.time()
 
-def _eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-  from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  ds = input_pipeline.create_eval_dataset(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
-  return input_pipeline.global_batches(ds, mesh)
+  def first_step_done(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    jax.block_until_ready(metrics)
+    console.say(f'Compiled and ran the first step in {time.time() - self._run_start:.1f} s.')
+    self._mark = (step, time.time())
 
+  def pause(self, seconds: float) -> None:
+    self._mark = (self._mark[0], self._mark[1] + seconds)
 
-def run_evaluation(eval_step, params: PyTree, config: ml_collections.ConfigDict,
-                   mesh: Mesh) -> dict[str, Any]:
-  """mIoU & co. of `params` over the eval split: `evaluate.evaluate`'s dict."""
-  start = time.time()
-  result = evaluate_lib.evaluate(eval_step, {'params': params}, _eval_batches(config, mesh),
-                                 num_classes=config.dataset.num_classes,
-                                 class_names=_class_names(config))
-  result['eval_seconds'] = time.time() - start
-  return result
+  def steps_per_sec(self, step: int) -> float:
+    mark_step, mark_time = self._mark
+    rate = (step - mark_step) / max(time.time() - mark_time, 1e-9)
+    self._mark = (step, time.time())
+    return rate
 
-
-def _eval_scalars(result: Mapping[str, Any]) -> dict[str, float]:
-  from segvit_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  scalars = metrics_lib.to_scalars(dict(result), prefix='eval/')
-  scalars['eval/seconds'] = float(result['eval_seconds'])
-  return scalars
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def write_predictions(path: str, model: nn.Module, params: PyTree,
-                      config: ml_collections.ConfigDict, mesh: Mesh, num_images: int) -> None:
-  """Draws `num_images` eval examples as rows image | ground truth | prediction, with a legend."""
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
-  from segvit_jax import palettes  # pylint: disable=g-import-not-at-top
-
-  k = config.dataset.num_classes
-  names = _class_names(config)
-  try:
-    colors = palettes.palette(config.dataset.name, k)
-  except ValueError:
-    colors = palettes.color_table(k)
-
-  predict = jax.jit(lambda params, batch: evaluate_lib.predict(
-      lambda x: model.apply({'params': params}, x, train=False), batch, eval_config=config.eval,
-      num_classes=k, test_img_scale=tuple(config.dataset.test_img_scale),
-      test_min_size=int(config.dataset.test_min_size)))
-  rows = []
-  for batch in _eval_batches(config, mesh):
-    pred = _to_host(predict(params, batch))
-    host = {key: _to_host(v) for key, v in batch.items()}
-    for i in range(pred.shape[0]):
-      if not host['valid'][i] or len(rows) >= num_images:
-        continue
-      (h, w), (lh, lw) = host['image_size'][i], host['label_size'][i]
-      mean = np.asarray(config.dataset.mean, np.float32)
-      std = np.asarray(config.dataset.std, np.float32)
-      image = np.clip(host['image'][i, :h, :w] * std + mean, 0, 255).astype(np.uint8)
-      image = np.asarray(Image.fromarray(image).resize((int(lw), int(lh)), Image.BILINEAR))
-      rows.append((image, host['label'][i, :lh, :lw], pred[i, :lh, :lw]))
-    if len(rows) >= num_images:
-      break
-  if not rows or jax.process_index() != 0:
-    return
-
-  height = 160  # every row scaled to this height
-  gap = 4
-  tiles = []
-  for image, label, pred in rows:
-    scale = height / image.shape[0]
-    size = (max(1, round(image.shape[1] * scale)), height)
-    parts = [Image.fromarray(image).resize(size, Image.BILINEAR),
-             Image.fromarray(palettes.colorize(label, colors)).resize(size, Image.NEAREST),
-             Image.fromarray(palettes.colorize(pred, colors)).resize(size, Image.NEAREST)]
-    tiles.append(parts)
-  width = max(sum(p.size[0] for p in parts) + 2 * gap for parts in tiles)
-  shown = sorted(set(np.concatenate([np.unique(l[l != 255]) for _, l, _ in rows] +
-                                    [np.unique(p[p != 255]) for _, _, p in rows]).tolist()))
-  legend_cols = max(1, width // 170)
-  legend_rows = math.ceil(len(shown) / legend_cols)
-  header = 18
-  canvas = Image.new('RGB', (width, header + len(tiles) * (height + gap) + legend_rows * 18 + 8),
-                     (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  try:  # a scalable font where Pillow has FreeType (its bitmap font drops spaces)
-    font = ImageFont.load_default(size=13)
-  except (TypeError, OSError):
-    font = ImageFont.load_default()
-  x = 0
-  for title, part in zip(('image', 'ground truth', 'prediction'), tiles[0]):
-    draw.text((x + 4, 2), title, fill=(0, 0, 0), font=font)
-    x += part.size[0] + gap
-  y = header
-  for parts in tiles:
-    x = 0
-    for part in parts:
-      canvas.paste(part, (x, y))
-      x += part.size[0] + gap
-    y += height + gap
-  for n, c in enumerate(shown):
-    lx, ly = (n % legend_cols) * 170 + 4, y + 4 + (n // legend_cols) * 18
-    draw.rectangle([lx, ly, lx + 12, ly + 12], fill=tuple(int(v) for v in colors[c]),
-                   outline=(0, 0, 0))
-    draw.text((lx + 18, ly - 1), f'{c}: {names[c]}'[:24], fill=(0, 0, 0), font=font)
-  with fileio.open_file(path, 'wb') as f:
-    canvas.save(f, format='PNG')
-  logging.info('Wrote %s.', path)
+  def line(self, step: int, mean: Mapping[str, float], rate: float) -> str:
+    eta = format_duration((self.num_steps - step) / max(rate, 1e-9)) if rate > 0 else '-'
+    return (f'step {step}/{self.num_steps} ({100.0 * step / self.num_steps:.1f}%) | loss '
+            f'{mean["loss"]:.4f} | lr {mean["learning_rate"]:.3g} | {rate:.2f} steps/s | '
+            f'ETA {eta}')
 
 
 # ---------------------------------------------------------------------------------------------
-# Preemption.
+# Stop signals.
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop checks it after each step (a handler must not touch JAX)."""
+class StopRequest:
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C); the loop checks it after each step. A second
+  SIGINT raises KeyboardInterrupt at once. (A signal handler must not touch JAX.)"""
 
   def __init__(self):
     self.event = threading.Event()
-    self._previous = None
+    self.signal_name: Optional[str] = None
+    self._previous: dict[int, Any] = {}
 
-  def install(self):
+  def install(self) -> None:
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+  def uninstall(self) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint after the current step, then exiting.')
+    del frame
+    name = signal.Signals(signum).name
+    if self.event.is_set() and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = self.signal_name or name
+    console.say(f'{name} received: saving a checkpoint after the current step '
+                f'(Ctrl-C again to stop at once).' if name == 'SIGINT' else
+                f'{name} received: saving a checkpoint after the current step.')
     self.event.set()
 
-  def reached(self, step: int) -> bool:
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; every process must call it at every step."""
     if jax.process_count() > 1:
       # Every host must agree on the step at which to stop (JAX's preemption service).
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
-        return multihost_utils.reached_preemption_sync_point(step) or self.event.is_set()
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal_name = self.signal_name or 'SIGTERM'
+          return True
       except RuntimeError:
         pass
     return self.event.is_set()
 
 
 # ---------------------------------------------------------------------------------------------
-# Setup shared by train and eval.
+# Set-up shared by training, evaluation and the compile tool.
 
 
-def _load_params(path: str, spec: StateSpec, config_model: ml_collections.ConfigDict) -> PyTree:
-  """Params from a training workdir (latest step) or a `segvit_jax.convert` output folder.
-
-  Restored straight into the shardings of `spec`; the optimizer state is never read.
-  """
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-  if convert.is_converted_dir(path):
-    logging.info('Loading converted params from %s.', path)
-    try:
-      return convert.restore_params(path, spec.abstract.params)
-    except (ValueError, KeyError) as e:
-      saved = convert.load_converted_config(path).model
-      keys = ('name', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'img_size',
-              'decoder_dim', 'decoder_layers', 'use_stages', 'num_classes')
-      diff = {k: (saved.get(k), config_model.get(k)) for k in keys
-              if k in saved and tuple(np.atleast_1d(saved.get(k))) !=
-              tuple(np.atleast_1d(config_model.get(k)))}
-      raise ValueError(
-          f'config.init_checkpoint={path!r} does not fit config.model '
-          f'(checkpoint vs config: {diff}); use --config={path}/config.py or the matching '
-          f'configs/*.py. ({e})') from e
-  root = checkpoint_lib.training_checkpoint_root(path)
-  if root is None:
-    raise FileNotFoundError(
-        f'config.init_checkpoint={path!r} is neither a segvit_jax.convert output (params/ and '
-        'config.json) nor a training workdir (checkpoints/<step>/).')
-  ckpt = checkpoint_lib.Checkpointer(root, async_save=False, read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{root} has no finished checkpoint step.')
-    logging.info('Loading params from training checkpoint %s, step %d.', root, step)
-    return ckpt.restore_params(step, spec.abstract.params)
-  finally:
-    ckpt.close()
+class Setup(NamedTuple):
+  mesh: Mesh
+  model: segvit.SegViT
+  tx: optax.GradientTransformation
+  schedule: Callable[[jax.Array], jax.Array]
+  spec: StateSpec
 
 
-def _setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]]):
+def setup(config: ml_collections.ConfigDict,
+          devices: Optional[Sequence[jax.Device]] = None) -> Setup:
+  """Mesh over `devices` (default: all), model, optimizer and the state layout; allocates
+  nothing."""
   jax.config.update('jax_threefry_partitionable', True)
+  if config.model.num_classes != config.dataset.num_classes:
+    raise UserError(
+        f'config.model.num_classes={config.model.num_classes} differs from '
+        f'config.dataset.num_classes={config.dataset.num_classes}; set both to the dataset\'s K.')
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = build_model(config)
+  model = segvit.build_model(config.model)
   tx, schedule = optim.make_optimizer(config)
-  spec = state_spec(model, tx, config, mesh)
-  return mesh, model, tx, schedule, spec
+  return Setup(mesh, model, tx, schedule, state_spec(model, tx, mesh))
 
 
-def _make_eval_step(model, config):
-  return evaluate_lib.make_eval_step(
-      model, config.eval, config.dataset.num_classes,
-      test_img_scale=tuple(config.dataset.test_img_scale),
-      test_min_size=int(config.dataset.test_min_size))
+def _load_params(path: str, run: Setup, config: ml_collections.ConfigDict) -> PyTree:
+  """Params of an exported directory or a training workdir, laid out as the state's; a converted
+  checkpoint's class names and palette carry over to `config` (for tables and pictures)."""
+  params, saved = checkpoint_lib.load_params(path, run.spec.abstract.params, config)
+  if saved is not None and saved.get('convert') and not config.get('convert'):
+    with config.unlocked():
+      config.convert = saved.convert
+  return params
 
 
-def _write_json(path: str, obj: Mapping[str, Any]) -> None:
+def _initial_state(config: ml_collections.ConfigDict, run: Setup,
+                   ckpt: checkpoint_lib.Checkpointer) -> TrainState:
+  """The latest checkpoint of the workdir, else a fresh state (params from
+  config.init_checkpoint or config.pretrained_backbone when set)."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    console.say(f'Resuming from {ckpt.directory}, step {latest}.')
+    return ckpt.restore(latest, run.spec.abstract)
+  if config.init_checkpoint:  # fine-tune: params from elsewhere, a fresh optimizer
+    console.say(f'Initialising the parameters from {config.init_checkpoint}.')
+    params = _load_params(config.init_checkpoint, run, config)
+    return state_with_params(params, run.tx, run.spec)
+  state = create_state(run.model, run.tx, config, run.spec)
+  if config.pretrained_backbone:  # the ImageNet ViT; the head keeps its initialisation
+    from segvit_jax import convert as vit_pretrained  # pylint: disable=g-import-not-at-top
+    console.say(f'Loading the pretrained backbone {config.pretrained_backbone}.')
+    state = state.replace(params=vit_pretrained.load_pretrained_backbone(
+        state.params, config.pretrained_backbone, config.model))
+  elif config.model.depth >= 12:
+    console.say('Warning: no config.pretrained_backbone: the ViT trains from scratch (the '
+                'paper configs start from ImageNet-21k weights; see the config\'s docstring).')
+  return state
+
+
+def _describe_run(config: ml_collections.ConfigDict, run: Setup, params: PyTree,
+                  workdir: str) -> None:
+  """config.json and parameters.txt in the workdir, one summary line on the console."""
   if jax.process_index() != 0:
     return
-
-  def clean(v):
-    if isinstance(v, (np.ndarray, list, tuple)):
-      return [clean(x) for x in np.asarray(v).tolist()] if isinstance(v, np.ndarray) else \
-          [clean(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-      return float(v) if math.isfinite(v) else None
-    if isinstance(v, (np.integer,)):
-      return int(v)
-    return v
-
-  with fileio.open_file(path, 'w') as f:
-    json.dump({k: clean(v) for k, v in obj.items() if k != 'confusion_matrix'}, f, indent=1)
-
-
-def _eval_summary(result: Mapping[str, Any]) -> dict[str, Any]:
-  return {'miou': result['miou'], 'macc': result['macc'], 'aacc': result['aacc'],
-          'per_class_iou': dict(zip(result['class_names'], np.asarray(result['per_class_iou'])
-                                    .tolist())),
-          'per_class_acc': dict(zip(result['class_names'], np.asarray(result['per_class_acc'])
-                                    .tolist()))}
+  checkpoint_lib.write_config(os.path.join(workdir, 'config.json'), config)
+  with fileio.open_file(os.path.join(workdir, 'parameters.txt'), 'w') as f:
+    f.write(parameter_overview.get_parameter_overview(params, include_stats='sharding') + '\n')
+  backbone, head = segvit.param_counts(params)
+  groups = optim.group_summary(params)
+  console.say(
+      f'{config.model.name}: {(backbone + head) / 1e6:.2f}M parameters (backbone '
+      f'{backbone / 1e6:.2f}M, head {head / 1e6:.2f}M, lr x{config.optim.head_lr_mult:g}; '
+      f'{groups.backbone_no_decay:,} without weight decay) on a {dict(run.mesh.shape)} mesh of '
+      f'{run.mesh.size} {run.mesh.devices.flat[0].platform.upper()} devices; table in '
+      f'{os.path.join(workdir, "parameters.txt")}.')
 
 
 # ---------------------------------------------------------------------------------------------
-# Train.
+# Training.
+
+
+@dataclasses.dataclass
+class LoopOutcome:
+  state: TrainState
+  results: dict[str, Any]  # evaluator name -> its last result
+  last_logged: dict[str, float]
+  saved_step: Optional[int] = None
+  stopped_by: Optional[str] = None  # 'SIGTERM' / 'SIGINT' when stopped early
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the loop body works with, besides the state."""
+  config: ml_collections.ConfigDict
+  train_step: Callable[..., Any]
+  evals: list
+  ckpt: checkpoint_lib.Checkpointer
+  writer: MetricsWriter
+  stop: StopRequest
+  pending: PendingMetrics
+  progress: Progress
+  after_step: Optional[Callable[..., None]]
+
+
+def _log(step: int, loop: Loop, outcome: LoopOutcome) -> None:
+  """Fetches the pending steps (the non-finite gate), writes their mean, prints progress."""
+  mean = loop.pending.fetch_mean()
+  if mean is None:
+    return
+  rate = loop.progress.steps_per_sec(step)
+  scalars = {f'train/{k}': v for k, v in mean.items() if k != 'learning_rate'}
+  scalars.update(learning_rate=mean['learning_rate'], steps_per_sec=rate)
+  loop.writer.write(step, scalars)
+  outcome.last_logged = scalars
+  console.say(loop.progress.line(step, mean, rate))
+
+
+def _save(step: int, loop: Loop, outcome: LoopOutcome, metrics=None) -> None:
+  _log(step, loop, outcome)  # raises before a diverged state is saved
+  if outcome.saved_step != step:
+    loop.ckpt.save(step, outcome.state, metrics=metrics)
+    outcome.saved_step = step
+
+
+def _train_loop(state: TrainState, batches, loop: Loop) -> LoopOutcome:
+  """Steps start + 1 .. config.num_train_steps, with logging, evaluators and checkpoints."""
+  config = loop.config
+  start, num_steps = int(jax.device_get(state.step)), int(config.num_train_steps)
+  outcome = LoopOutcome(state, {}, {})
+  if start < num_steps:
+    console.say(f'Training steps {start + 1}-{num_steps} (compiling the train step first).')
+  for step in range(start + 1, num_steps + 1):
+    outcome.state, metrics = loop.train_step(outcome.state, next(batches))
+    loop.pending.add(step, metrics)
+    if step == start + 1:
+      loop.progress.first_step_done(step, metrics)
+    if itstime(step, int(config.log_every_steps), num_steps):
+      _log(step, loop, outcome)
+    miou = evaluators_lib.run_due(loop.evals, lambda every: itstime(step, every, num_steps),
+                                  step, outcome.state.params, loop.writer, outcome.results,
+                                  loop.progress.pause)
+    best = None if miou is None else {checkpoint_lib.BEST_METRIC: miou}
+    stopping = loop.stop.requested(step)
+    if stopping or best is not None or itstime(step, int(config.checkpoint_every_steps),
+                                                num_steps):
+      _save(step, loop, outcome, best)
+    if loop.after_step is not None:  # tests: may wait here for a signal
+      loop.after_step(step, loop.ckpt, loop.stop)
+      if loop.stop.event.is_set() and not stopping:
+        stopping = True
+        _save(step, loop, outcome)
+    if stopping:
+      outcome.stopped_by = loop.stop.signal_name
+      break
+  loop.ckpt.wait()
+  return outcome
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
+                       devices: Optional[Sequence[jax.Device]] = None,
+                       after_step: Optional[Callable[..., None]] = None) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps (resuming from WORKDIR/checkpoints) and evaluates.
 
-  Returns the last logged train metrics and, when evaluated, the final eval metrics under
-  'eval/...'. `devices` restricts the mesh (tests); default all devices.
+  Returns {'step', 'train/...' (the last logged means), the final evaluation's scalars,
+  'stopped_by': 'SIGTERM' | 'SIGINT' when a signal stopped the run, 'already_done': True when
+  the workdir had finished before}. `devices` restricts the mesh (tests). `after_step(step,
+  checkpointer, stop_request)` is called after every step (tests inject faults with it).
   """
   from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-
+  run = setup(config, devices)
+  final_path = os.path.join(workdir, 'final_metrics.json')
   fileio.makedirs(workdir)
-  is_main = jax.process_index() == 0
-  mesh, model, tx, schedule, spec = _setup(config, devices)
-  num_steps = int(config.num_train_steps)
-  writer = create_writer(workdir)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                      keep=int(config.keep_checkpoints))
-  preempted = _PreemptionFlag()
-  preempted.install()
+  stop = StopRequest()
+  stop.install()
+  writer = MetricsWriter(workdir)
   try:
-    with jax.set_mesh(mesh), sharding.axis_rules():
-      latest = ckpt.latest_step()
-      if latest is not None:
-        logging.info('Resuming from %s, step %d.', ckpt.directory, latest)
-        state = ckpt.restore(latest, spec.abstract)
-      elif config.init_checkpoint:  # fine-tune: params from elsewhere, fresh optimizer
-        params = _load_params(config.init_checkpoint, spec, config.model)
-        state = state_with_params(params, tx, spec, source=config.init_checkpoint)
-      else:
-        state = create_state(model, tx, config, spec)
-        if config.pretrained_backbone:  # the ImageNet ViT; the head keeps its initialisation
-          from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-          state = state.replace(params=convert.load_pretrained_backbone(
-              state.params, config.pretrained_backbone, config.model))
-      start_step = int(jax.device_get(state.step))
-
-      if is_main:
-        parameter_overview.log_parameter_overview(
-            state.params, include_stats='sharding', msg='Parameters (shape, sharding)')
-        groups = optim.group_summary(state.params)
-        logging.info('Mesh %s over %d devices. Optimizer groups: head (lr x%g, wd) %d params, '
-                     'backbone with wd %d, backbone norms without wd %d.',
-                     dict(mesh.shape), mesh.size, config.optim.head_lr_mult, groups.head,
-                     groups.backbone_decay, groups.backbone_no_decay)
-        _write_json(os.path.join(workdir, 'config.json'), _flat_config(config))
-
-      train_step = make_train_step(model, tx, schedule, config, mesh, spec.shardings)
-      eval_step = _make_eval_step(model, config)
-      eval_every = int(config.eval_every_steps)
-      ckpt_every = int(config.checkpoint_every_steps)
-      log_every = max(int(config.log_every_steps), 1)
-      hang_at = int(config.get('fault_hang_after_step', -1))
-      raise_at = int(config.get('fault_raise_after_step', -1))
-
+    with jax.set_mesh(run.mesh):
+      # State: resume, fine-tune or fresh.
+      state = _initial_state(config, run, ckpt)
+      start = int(jax.device_get(state.step))
+      if start >= int(config.num_train_steps) and fileio.exists(final_path):
+        return _already_done(final_path, start)
+      _describe_run(config, run, state.params, workdir)
+      # Steps, evaluators and data.
+      evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir)
+      loop = Loop(config, make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
+                                          run.spec.shardings),
+                  evals, ckpt, writer, stop, PendingMetrics(),
+                  Progress(start, int(config.num_train_steps)), after_step)
       train_ds = input_pipeline.create_train_dataset(
           config, process_index=jax.process_index(), process_count=jax.process_count(),
-          start_step=start_step)
-      batches = input_pipeline.global_batches(train_ds, mesh)
-
-      pending = _Pending()
-      last_logged: dict[str, float] = {}
-      last_saved = start_step if latest is not None else None
-      eval_result = None
-      log_time, log_step = time.time(), start_step
-      run_start = time.time()
-      if start_step < num_steps:
-        logging.info('Training from step %d to %d.', start_step, num_steps)
-
-      def flush_and_log(step: int) -> None:
-        nonlocal log_time, log_step, last_logged
-        fetched = pending.fetch()
-        if not fetched:
-          return
-        now = time.time()
-        steps_per_sec = (step - log_step) / max(now - log_time, 1e-9)
-        log_time, log_step = now, step
-        mean = _mean_metrics(fetched)
-        scalars = {f'train/{k}': v for k, v in mean.items() if k != 'learning_rate'}
-        scalars['learning_rate'] = mean['learning_rate']
-        scalars['steps_per_sec'] = steps_per_sec
-        writer.write_scalars(step, scalars)
-        last_logged = scalars
-        if is_main:
-          eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-          logging.info('step %d/%d (%.1f%%) | loss %.4f | lr %.3g | %.2f steps/s | ETA %s',
-                       step, num_steps, 100.0 * step / num_steps, mean['loss'],
-                       mean['learning_rate'], steps_per_sec, _format_duration(eta))
-
-      def save(step: int, metrics: Optional[Mapping[str, float]] = None) -> None:
-        nonlocal last_saved
-        flush_and_log(step)  # raises before saving if any step since the last save diverged
-        if last_saved == step:
-          return
-        ckpt.save(step, state, metrics=metrics)
-        last_saved = step
-
-      step = start_step
-      for step in range(start_step + 1, num_steps + 1):
-        batch = next(batches)
-        state, metrics = train_step(state, {'image': batch['image'], 'label': batch['label']})
-        pending.add(step, metrics)
-        # Bound how far the host runs ahead of the devices: a SIGTERM is then acted on within
-        # a few steps, and few batches wait in device memory.
-        if len(pending.items) > _MAX_STEPS_IN_FLIGHT:
-          jax.block_until_ready(pending.items[-1 - _MAX_STEPS_IN_FLIGHT][1])
-        if step == start_step + 1:
-          logging.info('First step done (compiled) after %.1f s.', time.time() - run_start)
-        if step % log_every == 0 or step == num_steps:
-          flush_and_log(step)
-        if preempted.reached(step):
-          save(step)
-          ckpt.wait()
-          logging.warning('Preempted: saved step %d to %s; exiting.', step, ckpt.directory)
-          return {'preempted_at_step': step, **last_logged}
-        eval_metrics = None
-        if eval_every > 0 and (step % eval_every == 0 or step == num_steps):
-          flush_and_log(step)
-          eval_result = run_evaluation(eval_step, state.params, config, mesh)
-          log_time += eval_result['eval_seconds']  # steps/s and the ETA count training only
-          eval_scalars = _eval_scalars(eval_result)
-          writer.write_scalars(step, eval_scalars)
-          eval_metrics = {checkpoint_lib.BEST_METRIC: eval_scalars['eval/miou']}
-          if is_main:
-            logging.info('Evaluation at step %d (%.1f s):\n%s', step,
-                         eval_result['eval_seconds'], _format_table(eval_result))
-        if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps or eval_metrics:
-          save(step, eval_metrics)
-        if step == raise_at and jax.process_index() == jax.process_count() - 1:
-          raise RuntimeError(f'config.fault_raise_after_step={step}: failing on purpose.')
-        if step == hang_at:
-          _hang_for_tests(ckpt, preempted, step)
-          if preempted.reached(step):
-            save(step)
-            ckpt.wait()
-            logging.warning('Preempted: saved step %d to %s; exiting.', step, ckpt.directory)
-            return {'preempted_at_step': step, **last_logged}
-      flush_and_log(step)
-      ckpt.wait()
-      if start_step < num_steps:
-        logging.info('Training done: %d steps in %s.', num_steps - start_step,
-                     _format_duration(time.time() - run_start))
-
-      result = dict(last_logged)
-      if eval_every > 0 and eval_result is None:  # resumed at the end: evaluate again
-        eval_result = run_evaluation(eval_step, state.params, config, mesh)
-      if eval_result is not None:
-        result.update(_eval_scalars(eval_result))
-        _write_json(os.path.join(workdir, 'final_metrics.json'),
-                    {'step': num_steps, **_eval_summary(eval_result)})
-        if is_main:
-          logging.info('Final evaluation (step %d): mIoU %.4f, mAcc %.4f, aAcc %.4f.', num_steps,
-                       eval_result['miou'], eval_result['macc'], eval_result['aacc'])
-      n_images = int(config.get('num_prediction_images', 0))
-      if n_images > 0 and eval_every > 0:
-        write_predictions(os.path.join(workdir, 'predictions.png'), model, state.params, config,
-                          mesh, n_images)
+          start_step=start)
+      # The loop.
+      outcome = _train_loop(state, input_pipeline.global_batches(train_ds, run.mesh), loop)
+      step = int(jax.device_get(outcome.state.step))
+      if outcome.stopped_by:
+        console.say(f'{outcome.stopped_by}: saved step {step} to {ckpt.directory}; rerun the '
+                    'same command to resume.')
+        return {'step': step, 'stopped_by': outcome.stopped_by, **outcome.last_logged}
+      # Final results: evaluators that did not run at this step (a resumed, finished run).
+      evaluators_lib.run_missing(evals, step, outcome.state.params, writer, outcome.results)
+      result = {'step': step, **outcome.last_logged}
+      result.update(evaluators_lib.write_final(evals, outcome.results, final_path, step))
       return result
   finally:
-    preempted.uninstall()
-    writer.flush()
+    stop.uninstall()
     ckpt.close()
     writer.close()
 
 
-def _hang_for_tests(ckpt: checkpoint_lib.Checkpointer, preempted: _PreemptionFlag,
-                    step: int) -> None:
-  """`config.fault_hang_after_step`: wait, with the checkpoints written, until killed or SIGTERM.
-
-  Lets a test kill the process at a known step (SIGKILL) or preempt it there (SIGTERM).
-  """
-  ckpt.wait()
-  logging.warning('config.fault_hang_after_step=%d: waiting to be killed.', step)
-  while not preempted.event.is_set():
-    time.sleep(0.05)
-
-
-def _format_table(result: Mapping[str, Any]) -> str:
-  from segvit_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  return metrics_lib.format_table(dict(result))
-
-
-def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def visit(prefix, value):
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      for k, v in value.items():
-        visit(f'{prefix}.{k}' if prefix else k, v)
-    elif isinstance(value, (int, float, str, bool)):
-      out[prefix] = value
-    else:
-      out[prefix] = str(value)
-
-  visit('', config)
-  return out
+def _already_done(final_path: str, step: int) -> dict[str, Any]:
+  with fileio.open_file(final_path) as f:
+    final = json.load(f)
+  console.say(f'Already trained to step {step}; results in {final_path}.')
+  return {'step': step, 'already_done': True,
+          **{f'val/{k}': final[k] for k in ('miou', 'macc', 'aacc') if k in final}}
 
 
 # ---------------------------------------------------------------------------------------------
-# Eval only.
+# Evaluation only.
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
-  """Evaluates config.init_checkpoint (converted or training) or WORKDIR's latest checkpoint.
+  """The evaluators of a run, once, on config.init_checkpoint or WORKDIR's latest checkpoint.
 
-  Writes WORKDIR/eval_metrics.json, an 'eval/...' line in metrics.jsonl and, with
-  config.num_prediction_images > 0, WORKDIR/predictions.png.
+  Writes WORKDIR/eval_metrics.json (with the checkpoint and its step), an eval line at that step
+  in metrics.jsonl and, when the config draws predictions, WORKDIR/eval_predictions.png.
   """
-  fileio.makedirs(workdir)
-  mesh, model, tx, _, spec = _setup(config, devices)
   source = config.init_checkpoint or workdir
-  if not config.init_checkpoint and checkpoint_lib.training_checkpoint_root(workdir) is None:
-    raise FileNotFoundError(
-        f'--mode=eval needs --config.init_checkpoint=DIR (a segvit_jax.convert output or a '
-        f'training workdir), or a checkpoint in --workdir={workdir!r}; found neither.')
-  writer = create_writer(workdir)
-  try:
-    with jax.set_mesh(mesh), sharding.axis_rules():
-      params = _load_params(source, spec, config.model)
-      eval_step = _make_eval_step(model, config)
-      result = run_evaluation(eval_step, params, config, mesh)
-      scalars = _eval_scalars(result)
-      writer.write_scalars(0, scalars)
-      if jax.process_index() == 0:
-        logging.info('Evaluation of %s (%.1f s):\n%s', source, result['eval_seconds'],
-                     _format_table(result))
-      _write_json(os.path.join(workdir, 'eval_metrics.json'),
-                  {'checkpoint': source, **_eval_summary(result)})
-      n_images = int(config.get('num_prediction_images', 0))
-      if n_images > 0:
-        write_predictions(os.path.join(workdir, 'predictions.png'), model, params, config, mesh,
-                          n_images)
-      return scalars
-  finally:
-    writer.close()
+  run = setup(config, devices)
+  with jax.set_mesh(run.mesh):
+    params = _load_params(source, run, config)
+    step = checkpoint_lib.params_step(source)
+    fileio.makedirs(workdir)
+    writer = MetricsWriter(workdir)
+    try:
+      evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir, prefix='eval_')
+      results = {}
+      evaluators_lib.run_missing(evals, step, params, writer, results)
+      path = os.path.join(workdir, 'eval_metrics.json')
+      return {'step': step, **evaluators_lib.write_final(evals, results, path, step,
+                                                         checkpoint=source)}
+    finally:
+      writer.close()

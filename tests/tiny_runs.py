@@ -1,7 +1,9 @@
-"""Tiny end-to-end runs of `segvit_jax.main` as subprocesses, shared by the trainer tests.
+"""Tiny end-to-end runs of the trainer, in-process or as `segvit_jax.main` subprocesses.
 
 A tiny SegViT (2 blocks, 32x32 synthetic images, 3 classes) with dropout and drop-path on keeps
-each run to seconds; simulated CPU devices must be set before JAX starts, hence subprocesses.
+each run to seconds. Subprocesses inherit the test process's environment (tests/conftest.py:
+simulated devices, compile flags, the compilation cache), so in-process and subprocess runs
+compile the same programs and compare bit for bit.
 """
 
 import json
@@ -13,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dotted config overrides on top of configs/synthetic.py.
 TINY = {
-    'batch_size': 8, 'num_train_steps': 6, 'log_every_steps': 1, 'eval_every_steps': 0,
-    'checkpoint_every_steps': 3, 'keep_checkpoints': 3, 'num_prediction_images': 0,
+    'batch_size': 8, 'num_train_steps': 6, 'log_every_steps': 1, 'evals.val.every_steps': 0,
+    'evals.figure.every_steps': 0, 'checkpoint_every_steps': 3, 'keep_checkpoints': 3,
     'model.img_size': (32, 32), 'model.patch_size': 8, 'model.embed_dim': 32, 'model.depth': 2,
     'model.num_heads': 2, 'model.out_indices': (0, 1), 'model.use_stages': 2,
     'model.drop_path_rate': 0.1, 'model.decoder_dropout': 0.1, 'model.decoder_dim': 16,
@@ -29,23 +31,30 @@ TINY = {
 }
 
 
-def env(num_devices=1, cache_dir=None):
-  """Subprocess environment: `num_devices` simulated CPU devices, tiny-model XLA flags."""
+def env(num_devices=1):
+  """Subprocess environment: this process's (tests/conftest.py) with `num_devices` devices."""
   env = dict(os.environ)
-  if cache_dir:  # same tiny programs in every run: compile once
-    env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-    env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
   flags.append(f'--xla_force_host_platform_device_count={num_devices}')
-  # XLA:CPU spends most of a tiny model's compile in LLVM; these cut it 3x. Every run of a test
-  # uses the same flags, so results compare as they would with the defaults.
-  flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
   env['XLA_FLAGS'] = ' '.join(flags)
   return env
+
+
+def tiny_config(**overrides):
+  """configs/synthetic.py with TINY and `overrides` (dotted keys, or '__' for '.') applied."""
+  sys.path.insert(0, os.path.join(ROOT, 'configs'))
+  import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  values = dict(TINY)
+  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
 
 
 def flag(key, value):
@@ -54,10 +63,14 @@ def flag(key, value):
   return f'--config.{key}={value}'
 
 
-def main_cmd(workdir, **overrides):
+def main_cmd(workdir, fault=None, **overrides):
+  """The `segvit_jax.main` command of a tiny run; `fault` ('hang_after:3', ...) runs it
+  through tests/run_with_faults.py."""
   config = dict(TINY)
   config.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  return ([sys.executable, '-m', 'segvit_jax.main', f'--config={ROOT}/configs/synthetic.py',
+  program = (['-m', 'segvit_jax.main'] if fault is None else
+             [os.path.join(ROOT, 'tests', 'run_with_faults.py'), f'--fault={fault}'])
+  return ([sys.executable, *program, f'--config={ROOT}/configs/synthetic.py',
            f'--workdir={workdir}'] + [flag(k, v) for k, v in config.items()])
 
 

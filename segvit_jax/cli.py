@@ -1,0 +1,138 @@
+"""What every command line shares: quiet libraries, one-line user errors, Ctrl-C.
+
+    def main(argv) -> Optional[int]: ...        # exit status; None = 0
+    if __name__ == '__main__':
+      cli.run(main)
+
+- Libraries' INFO logs (absl, Orbax, JAX) are off unless --verbosity is given, and TensorFlow's
+  C++ banners unless TF_CPP_MIN_LOG_LEVEL is set: a run prints its own progress and results
+  (`segvit_jax.console`), warnings and errors.
+- A `UserError`, a flag that does not parse, a missing or broken config file or an unknown config
+  key prints one line `error: <message>` on stderr and exits 1, before any compilation; Ctrl-C
+  outside a training loop (which saves first) exits 130 with one line. Anything else is a bug
+  and keeps its traceback.
+"""
+
+import os
+import re
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from segvit_jax.errors import UserError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: <message>` (its first line) on stderr and exits 1."""
+  first = str(message).strip().splitlines()[0] if str(message).strip() else 'failed'
+  print(f'error: {first}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+  for arg in argv:
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _parse_error(error: BaseException, argv: Sequence[str]) -> str:
+  """A one-line message for a flag-parsing failure (absl flags + ml_collections config files)."""
+  text = str(error)
+  config = _flag_value(argv, 'config')
+  unknown = re.search(r"Unknown command line flag '([^']+)'", text)
+  if unknown:
+    name = unknown.group(1)
+    if name.startswith('config.') and config:
+      return f'--{name}: {config} has no such key{_did_you_mean(config, name)}.'
+    return f'unknown flag --{name} (--help lists the flags).'
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  if suggestion and config:
+    key = re.search(r'([A-Za-z_][A-Za-z0-9_]*)', text)
+    given = next((a.split('=')[0] for a in argv if key and a.startswith('--config.')
+                  and a.split('=')[0].endswith('.' + key.group(1))), '--config.' + (
+                      key.group(1) if key else '?'))
+    return (f'{given}: {config} has no such key (did you mean '
+            f'{given.rsplit(".", 1)[0]}.{suggestion.group(1)}?).')
+  if config and ('No such file' in text or 'Failed loading config file' in text):
+    return f'--config={config}: no such config file (expected a configs/*.py file).'
+  if isinstance(error, SyntaxError) or 'Error whilst parsing config file' in text:
+    return f'--config={config}: not a loadable config file ({type(error).__name__}).'
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _did_you_mean(config_path: str, name: str) -> str:
+  """' (did you mean config.x?)' for the closest key of the config file, '' if none is close."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_suggestion', config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    keys = ['config.' + k for k in _dotted_keys(module.get_config().to_dict())]
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  close = difflib.get_close_matches(name, keys, n=1)
+  return f' (did you mean --{close[0]}?)' if close else ''
+
+
+def _dotted_keys(tree: dict, prefix: str = '') -> list[str]:
+  keys = []
+  for key, value in tree.items():
+    keys.append(prefix + key)
+    if isinstance(value, dict):
+      keys.extend(_dotted_keys(value, f'{prefix}{key}.'))
+  return keys
+
+
+def config_value(holder):
+  """The ConfigDict of an ml_collections config flag; a file that failed to load is a UserError
+  (ml_collections defers that error to the first access)."""
+  try:
+    value = holder.value
+    if value is not None and not hasattr(value, 'to_dict'):
+      getattr(value, 'to_dict')  # raises the deferred error of a config file that did not load
+    return value
+  except (OSError, SyntaxError, AttributeError, KeyError, ValueError, TypeError) as e:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+    raise UserError(_parse_error(e, [f'--{holder.name}={path}'])) from e
+
+
+def quiet_environment() -> None:
+  """Before TensorFlow / JAX are imported: their start-up banners off unless asked for."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
+  """absl's app.run(main) with the behaviour of the module docstring."""
+  quiet_environment()
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, OSError, KeyError, AttributeError, ValueError, TypeError,
+            SyntaxError) as e:
+      fail(_parse_error(e, argv))
+
+  def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      status = main(argv)
+    except UserError as e:
+      fail(str(e))
+    except KeyboardInterrupt:
+      print('error: interrupted (Ctrl-C)', file=sys.stderr, flush=True)
+      sys.exit(EXIT_INTERRUPTED)
+    sys.exit(status or 0)
+
+  app.run(wrapped, flags_parser=parse)
+  sys.exit(0)  # not reached: app.run exits
