@@ -15,7 +15,9 @@
 
 import os
 import re
+import shutil
 import sys
+import tempfile
 from typing import Callable, NoReturn, Optional, Sequence
 
 from segvit_jax.errors import UserError
@@ -101,6 +103,33 @@ def config_value(holder):
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
     path = config_flags.get_config_filename(flags.FLAGS[holder.name])
     raise UserError(_parse_error(e, [f'--{holder.name}={path}'])) from e
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+  """UserError unless `path` is (or can be made) a writable local folder; URLs pass.
+
+  Tried for real (the missing folders made and a file written, then removed again): permission
+  bits do not tell for root or on read-only mounts.
+  """
+  if '://' in str(path):
+    return
+  absolute = os.path.abspath(path)
+  if os.path.exists(absolute) and not os.path.isdir(absolute):
+    raise UserError(f'{flag}={path} is a file; give a directory.')
+  first_missing = None
+  probe = absolute
+  while not os.path.exists(probe):
+    first_missing, probe = probe, os.path.dirname(probe)
+  try:
+    os.makedirs(absolute, exist_ok=True)
+    with tempfile.TemporaryFile(dir=absolute):
+      pass
+  except OSError as e:
+    raise UserError(f'{flag}={path} is not writable ({e.strerror}: {e.filename or path}); '
+                    'choose a directory you can write to.') from e
+  finally:
+    if first_missing is not None and os.path.isdir(first_missing):
+      shutil.rmtree(first_missing, ignore_errors=True)
 
 
 def quiet_environment() -> None:

@@ -16,7 +16,6 @@ a second Ctrl-C stops at once), 1 for a configuration or input the run cannot us
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 
 from absl import flags
@@ -38,33 +37,6 @@ _COORDINATOR = flags.DEFINE_string(
     'jax.distributed.initialize). TPU VM slices and SLURM jobs are detected without it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process jobs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process jobs: this process, 0-based.')
-
-
-def check_workdir(workdir: str) -> None:
-  """UserError unless `workdir` is (or can be made) a writable local folder; URLs pass.
-
-  Tried for real (the folders made and a file written, then removed): permission bits do not
-  tell for root or on read-only mounts.
-  """
-  if fileio.is_url(workdir):
-    return
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f'--workdir={workdir} is a file; give a directory (new or a previous run).')
-  missing = path
-  while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
-    missing = os.path.dirname(missing)
-  created = not os.path.exists(path)
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-      pass
-  except OSError as e:
-    raise UserError(f'--workdir={workdir} is not writable ({e.strerror}: {e.filename or path}); '
-                    'choose a directory you can write to.') from e
-  finally:
-    if created and os.path.isdir(missing):
-      shutil.rmtree(missing, ignore_errors=True)
 
 
 def _print_summary(result: dict) -> None:
@@ -101,6 +73,9 @@ def _start_jax(config) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     raise UserError(str(e)) from e
+  print(f'JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, '
+        f'{jax.local_device_count()} local / {jax.device_count()} global '
+        f'{jax.devices()[0].platform.upper()} devices.', flush=True)
   from segvit_jax import preflight  # pylint: disable=g-import-not-at-top
   preflight.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (seconds to import)
@@ -133,7 +108,7 @@ def main(argv):
   config, workdir = cli.config_value(_CONFIG), _WORKDIR.value
   if config is None or not workdir:
     raise UserError('--config=configs/X.py and --workdir=DIR are required.')
-  check_workdir(workdir)
+  cli.check_writable_dir(workdir, '--workdir')
   existed = fileio.exists(workdir)
   try:
     _start_jax(config)

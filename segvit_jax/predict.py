@@ -52,7 +52,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -62,9 +61,11 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from segvit_jax import cli
 from segvit_jax import config_base
 from segvit_jax import evaluate
-from segvit_jax import palettes
+from segvit_jax import visualize
+from segvit_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # Side multiple of the original-resolution output bucket: few distinct output shapes.
@@ -195,18 +196,6 @@ def load_checkpoint(path: str, config: Optional[Any] = None):
   return model, {'params': jax.tree.map(jnp.asarray, params)}, config
 
 
-def checkpoint_palette(config: ml_collections.ConfigDict) -> np.ndarray:
-  """(K, 3) uint8: the palette stored with a converted checkpoint, else the dataset's."""
-  k = int(config.model.num_classes)
-  stored = config.get('convert', {}).get('palette', ()) if 'convert' in config else ()
-  if stored and len(stored) == k:
-    return np.asarray(stored, np.uint8).reshape(k, 3)
-  try:
-    return palettes.palette(config.dataset.name, k)
-  except ValueError:
-    return palettes.color_table(k)
-
-
 # ------------------------------------------------------------------------------------------------
 # Host-side preprocessing: mmseg's test resize (OpenCV arithmetic), as the eval pipeline does it.
 
@@ -313,7 +302,7 @@ class Predictor:
     self.config = config
     self.source = source
     self.num_classes = int(config.model.num_classes)
-    self.palette = checkpoint_palette(config)
+    self.palette = visualize.classes(config).colors
     self.variables = jax.device_put(variables)
     self.compiled: Dict[Any, Any] = {}
     self.compile_seconds = 0.0
@@ -453,13 +442,6 @@ def find_inputs(inputs: Sequence[str]) -> List[Tuple[str, str]]:
   return out
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, colors: np.ndarray,
-            alpha: float = 0.5) -> np.ndarray:
-  """(H, W, 3) uint8: `image` blended with the colour of each pixel's class."""
-  color = palettes.colorize(labels, colors).astype(np.float32)
-  return np.round(image.astype(np.float32) * (1 - alpha) + color * alpha).astype(np.uint8)
-
-
 def write_outputs(output: str, name: str, result: Mapping[str, Any]) -> None:
   """labels/<name>.png, overlays/<name>.png and, when present, scores/<name>.npy under output."""
   labels = result['labels']
@@ -512,7 +494,7 @@ def _iter_results(predictor: Predictor, sources: Sequence[Tuple[Any, str]], *, t
     for i, p in enumerate(items):
       h, w = p.image.shape[:2]
       lab = np.asarray(labels[i, :h, :w], np.int32)
-      result = {'labels': lab, 'overlay': overlay(p.image, lab, predictor.palette)}
+      result = {'labels': lab, 'overlay': visualize.overlay(p.image, lab, predictor.palette)}
       if with_scores:
         result['scores'] = np.asarray(probs[i, :h, :w])
       summary.images += 1
@@ -626,48 +608,61 @@ def segment(images: Iterable[Any], checkpoint: Any, *, config: Optional[Any] = N
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'A segvit_jax.convert output directory or a training workdir.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, scores/).')
-_CONFIG_FILE = flags.DEFINE_string(
-    'config', None, "Config file (configs/*.py or config.json) instead of the checkpoint's.")
-_TTA = flags.DEFINE_bool('tta', False, 'Multi-scale + flip test-time augmentation.')
-_BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per model call (same shape bucket).')
-_SCORES = flags.DEFINE_bool('scores', False, 'Also write (H, W, K) class probabilities (.npy).')
-_SCORES_DTYPE = flags.DEFINE_enum('scores_dtype', 'float16', ['float16', 'float32'],
-                                  'Precision of the written scores.')
-_BUCKET = flags.DEFINE_integer(
-    'bucket', None, 'Side multiple of the input shape buckets (default: the eval window in slide '
-    'mode, config.dataset.eval_bucket in whole mode).')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+def _define_flags() -> None:
+  """The command line's flags, defined only when predict runs as a program (so that the module
+  imports next to segvit_jax.main, whose --config it would clash with)."""
+  flags.DEFINE_string('checkpoint', None,
+                      'A segvit_jax.convert output directory or a training workdir.')
+  flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, scores/).')
+  flags.DEFINE_string('config', None,
+                      "Config file (configs/*.py or config.json) instead of the checkpoint's.")
+  flags.DEFINE_bool('tta', False, 'Multi-scale + flip test-time augmentation.')
+  flags.DEFINE_integer('batch_size', 1, 'Images per model call (same shape bucket).')
+  flags.DEFINE_bool('scores', False, 'Also write (H, W, K) class probabilities (.npy).')
+  flags.DEFINE_enum('scores_dtype', 'float16', ['float16', 'float32'],
+                    'Precision of the written scores.')
+  flags.DEFINE_integer(
+      'bucket', None, 'Side multiple of the input shape buckets (default: the eval window in '
+      'slide mode, config.dataset.eval_bucket in whole mode).')
+  flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+
+
+USAGE = ('python -m segvit_jax.predict --checkpoint=DIR INPUT... --output=OUT [--tta] '
+         '[--batch_size=N] [--scores]')
 
 
 def main(argv: Sequence[str]) -> int:
+  f = flags.FLAGS
   inputs = list(argv[1:])
-  if not _CHECKPOINT.value or not _OUTPUT.value or not inputs:
-    raise app.UsageError('Usage: python -m segvit_jax.predict --checkpoint=DIR INPUT... '
-                         '--output=OUT [--tta] [--batch_size=N] [--scores]')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and XLA log a lot at INFO
-  sources = find_inputs(inputs)
+  for name, what in (('checkpoint', 'DIR'), ('output', 'OUT')):
+    if not f[name].value:
+      raise UserError(f'--{name}={what} is required: {USAGE}')
+  if not inputs:
+    raise UserError(f'no INPUT images or folders given: {USAGE}')
+  if f.batch_size < 1:
+    raise UserError(f'--batch_size={f.batch_size} must be at least 1.')
+  cli.check_writable_dir(f.output, '--output')
+  try:
+    sources = find_inputs(inputs)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from e
   if not sources:
-    print(f'No images found in {inputs} (extensions {", ".join(IMAGE_EXTENSIONS)}).',
-          file=sys.stderr)
-    return 1
-  predictor = load(_CHECKPOINT.value, _CONFIG_FILE.value)
+    raise UserError(f'no images found in {inputs} (extensions {", ".join(IMAGE_EXTENSIONS)}).')
+  predictor = load(f.checkpoint, f.config)
   summary = Summary()
-  segment(sources, predictor, tta=_TTA.value, batch_size=_BATCH.value, scores=_SCORES.value,
-          scores_dtype=np.dtype(_SCORES_DTYPE.value), bucket=_BUCKET.value,
-          output=_OUTPUT.value, progress=_PROGRESS.value, summary=summary, keep_results=False)
+  segment(sources, predictor, tta=f.tta, batch_size=f.batch_size, scores=f.scores,
+          scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket, output=f.output,
+          progress=f.progress, summary=summary, keep_results=False)
   for name, reason in summary.skipped:
     print(f'Skipped {name}: {reason}', file=sys.stderr)
   print(summary.line(), flush=True)
   return 0 if summary.images > 0 else 1
 
 
-def _run():
-  app.run(lambda argv: sys.exit(main(argv)))
+def run():
+  _define_flags()
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  _run()
+  run()

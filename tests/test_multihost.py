@@ -21,7 +21,8 @@ try:
 except ImportError:
   import tiny_runs  # pylint: disable=g-import-not-at-top
 
-RUN = dict(num_train_steps=3, checkpoint_every_steps=3, eval_every_steps=3, eval__batch_size=8)
+RUN = dict(num_train_steps=3, checkpoint_every_steps=3, evals__val__every_steps=3,
+           eval__batch_size=8)
 LOSS_KEYS = ('train/loss', 'train/loss_ce', 'train/loss_mask', 'train/loss_dice',
              'train/loss_ce_0', 'train/loss_mask_0', 'train/loss_dice_0', 'train/grad_norm')
 
@@ -32,12 +33,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pair(workdir, extra=(None, None), **overrides):
-  """Starts processes 0 and 1 of a 2-process job; `extra[i]` adds overrides for process i."""
+def _start_pair(workdir, faults=(None, None), **overrides):
+  """Starts processes 0 and 1 of a 2-process job; `faults[i]` runs process i with that fault
+  (tests/run_with_faults.py)."""
   port = _free_port()
   procs = []
   for i in range(2):
-    cmd = tiny_runs.main_cmd(workdir, **{**overrides, **(extra[i] or {})}) + [
+    cmd = tiny_runs.main_cmd(workdir, fault=faults[i], **overrides) + [
         f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
     procs.append(subprocess.Popen(cmd, cwd=tiny_runs.ROOT, env=tiny_runs.env(4),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -61,7 +63,7 @@ def _finish(procs, timeout):
 def _eval_records(workdir):
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f if '"eval/miou"' in l]
+    return [json.loads(l) for l in f if '"val/miou"' in l]
 
 
 @pytest.fixture(scope='module')
@@ -80,7 +82,7 @@ def test_two_processes_train_and_evaluate_like_one(single, tmp_path):
   outs = _finish(procs, 300)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
-  assert 'process 1 of 2, 4 local / 8 global devices' in outs[1]
+  assert 'process 1 of 2, 4 local / 8 global CPU devices' in outs[1]
 
   one, two = tiny_runs.losses(single), tiny_runs.losses(workdir)
   assert sorted(one) == sorted(two) == [1, 2, 3]
@@ -89,9 +91,9 @@ def test_two_processes_train_and_evaluate_like_one(single, tmp_path):
       np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-4, err_msg=(step, key))
   e1, e2 = _eval_records(single), _eval_records(workdir)
   assert len(e1) == len(e2) == 1
-  for key in ('eval/miou', 'eval/macc', 'eval/aacc'):
+  for key in ('val/miou', 'val/macc', 'val/aacc'):
     np.testing.assert_allclose(e2[0][key], e1[0][key], rtol=1e-4, err_msg=key)
-  assert 0 < e2[0]['eval/miou'] <= 1
+  assert 0 < e2[0]['val/miou'] <= 1
   # Process 0 alone writes the logs; both processes wrote the checkpoint.
   assert sum(1 for _ in open(os.path.join(workdir, 'metrics.jsonl'))) == \
       sum(1 for _ in open(os.path.join(single, 'metrics.jsonl')))
@@ -106,7 +108,7 @@ def test_two_processes_train_and_evaluate_like_one(single, tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   restored = _eval_records(eval_dir)
   assert len(restored) == 1
-  for key in ('eval/miou', 'eval/macc', 'eval/aacc'):
+  for key in ('val/miou', 'val/macc', 'val/aacc'):
     np.testing.assert_allclose(restored[0][key], e2[0][key], rtol=1e-4, err_msg=key)
 
 
@@ -114,8 +116,8 @@ def test_killing_one_process_ends_the_other(tmp_path):
   """Process 1 stops after its step-2 checkpoint and is SIGKILLed there; process 0 goes on into
   step 3, whose collectives can never complete: it must exit with an error, not hang."""
   workdir = str(tmp_path / 'killed')
-  procs = _start_pair(workdir, extra=(None, {'fault_hang_after_step': 2}), num_train_steps=6,
-                      checkpoint_every_steps=2, eval_every_steps=0)
+  procs = _start_pair(workdir, faults=(None, 'hang_after:2'), num_train_steps=6,
+                      checkpoint_every_steps=2)
   try:
     tiny_runs.wait_for(lambda: 2 in tiny_runs.steps(workdir), procs[1], 300,
                        'the step-2 checkpoint')
@@ -145,14 +147,14 @@ def test_an_exception_on_one_process_ends_the_job(tmp_path):
   """Process 1 raises after step 2: it reports the error and leaves at once (no shutdown barrier),
   and process 0, waiting in step 3's collectives, is ended by the coordination service."""
   workdir = str(tmp_path / 'raised')
-  procs = _start_pair(workdir, num_train_steps=6, checkpoint_every_steps=0, eval_every_steps=0,
-                      fault_raise_after_step=2)
+  procs = _start_pair(workdir, faults=('raise_after:2',) * 2, num_train_steps=6,
+                      checkpoint_every_steps=0)
   start = time.time()
   outs = _finish(procs, 240)
   waited = time.time() - start
   assert procs[1].returncode == 1, outs[1][-4000:]
   assert 'ERROR on process 1 of 2; ending the job' in outs[1]
-  assert 'fault_raise_after_step=2: failing on purpose' in outs[1]
+  assert 'fault: failing on purpose after step 2' in outs[1]
   assert procs[0].returncode != 0, outs[0][-4000:]
   assert 'another task died' in outs[0] or 'stopped sending heartbeats' in outs[0], outs[0][-4000:]
   print(f'both processes ended {waited:.1f} s after the start (process 0: {procs[0].returncode})')

@@ -15,6 +15,7 @@ from segvit_jax import config_base
 from segvit_jax import convert
 from segvit_jax import evaluate
 from segvit_jax import predict
+from segvit_jax import visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 3
@@ -173,7 +174,7 @@ def test_segment_matches_evaluate_and_compiles_once_per_bucket(setup, predictor)
 def test_overlay_blends_image_and_palette(predictor):
   image = np.full((2, 3, 3), 100, np.uint8)
   labels = np.array([[0, 1, 2], [2, 1, 0]])
-  got = predict.overlay(image, labels, predictor.palette)
+  got = visualize.overlay(image, labels, predictor.palette)
   want = np.round(0.5 * 100 + 0.5 * predictor.palette[labels].astype(np.float64))
   np.testing.assert_array_equal(got, want.astype(np.uint8))
 
