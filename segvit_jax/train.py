@@ -46,6 +46,7 @@ from segvit_jax import losses
 from segvit_jax import optim
 from segvit_jax import sharding
 from segvit_jax.models import segvit
+from segvit_jax.models import vit_pretrained
 
 PyTree = Any
 
@@ -531,43 +532,6 @@ class _PreemptionFlag:
 # Setup shared by train and eval.
 
 
-def _load_params(path: str, spec: StateSpec, config_model: ml_collections.ConfigDict) -> PyTree:
-  """Params from a training workdir (latest step) or a `segvit_jax.convert` output folder.
-
-  Restored straight into the shardings of `spec`; the optimizer state is never read.
-  """
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-  if convert.is_converted_dir(path):
-    logging.info('Loading converted params from %s.', path)
-    try:
-      return convert.restore_params(path, spec.abstract.params)
-    except (ValueError, KeyError) as e:
-      saved = convert.load_converted_config(path).model
-      keys = ('name', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'img_size',
-              'decoder_dim', 'decoder_layers', 'use_stages', 'num_classes')
-      diff = {k: (saved.get(k), config_model.get(k)) for k in keys
-              if k in saved and tuple(np.atleast_1d(saved.get(k))) !=
-              tuple(np.atleast_1d(config_model.get(k)))}
-      raise ValueError(
-          f'config.init_checkpoint={path!r} does not fit config.model '
-          f'(checkpoint vs config: {diff}); use --config={path}/config.py or the matching '
-          f'configs/*.py. ({e})') from e
-  root = checkpoint_lib.training_checkpoint_root(path)
-  if root is None:
-    raise FileNotFoundError(
-        f'config.init_checkpoint={path!r} is neither a segvit_jax.convert output (params/ and '
-        'config.json) nor a training workdir (checkpoints/<step>/).')
-  ckpt = checkpoint_lib.Checkpointer(root, async_save=False, read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{root} has no finished checkpoint step.')
-    logging.info('Loading params from training checkpoint %s, step %d.', root, step)
-    return ckpt.restore_params(step, spec.abstract.params)
-  finally:
-    ckpt.close()
-
-
 def _setup(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]]):
   jax.config.update('jax_threefry_partitionable', True)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -637,15 +601,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       latest = ckpt.latest_step()
       if latest is not None:
         logging.info('Resuming from %s, step %d.', ckpt.directory, latest)
-        state = ckpt.restore(latest, spec.abstract)
+        state = ckpt.restore(latest, spec.abstract, config=config)
       elif config.init_checkpoint:  # fine-tune: params from elsewhere, fresh optimizer
-        params = _load_params(config.init_checkpoint, spec, config.model)
+        params, _ = checkpoint_lib.load_params(config.init_checkpoint, spec.abstract.params,
+                                               config=config, flag='config.init_checkpoint')
         state = state_with_params(params, tx, spec, source=config.init_checkpoint)
       else:
         state = create_state(model, tx, config, spec)
         if config.pretrained_backbone:  # the ImageNet ViT; the head keeps its initialisation
-          from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-          state = state.replace(params=convert.load_pretrained_backbone(
+          state = state.replace(params=vit_pretrained.load(
               state.params, config.pretrained_backbone, config.model))
       start_step = int(jax.device_get(state.step))
 
@@ -657,7 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      'backbone with wd %d, backbone norms without wd %d.',
                      dict(mesh.shape), mesh.size, config.optim.head_lr_mult, groups.head,
                      groups.backbone_decay, groups.backbone_no_decay)
-        _write_json(os.path.join(workdir, 'config.json'), _flat_config(config))
+        checkpoint_lib.write_config(os.path.join(workdir, 'config.json'), config)
 
       train_step = make_train_step(model, tx, schedule, config, mesh, spec.shardings)
       eval_step = _make_eval_step(model, config)
@@ -794,22 +758,6 @@ def _format_table(result: Mapping[str, Any]) -> str:
   return metrics_lib.format_table(dict(result))
 
 
-def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def visit(prefix, value):
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      for k, v in value.items():
-        visit(f'{prefix}.{k}' if prefix else k, v)
-    elif isinstance(value, (int, float, str, bool)):
-      out[prefix] = value
-    else:
-      out[prefix] = str(value)
-
-  visit('', config)
-  return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Eval only.
 
@@ -831,7 +779,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   writer = create_writer(workdir)
   try:
     with jax.set_mesh(mesh), sharding.axis_rules():
-      params = _load_params(source, spec, config.model)
+      params, _ = checkpoint_lib.load_params(source, spec.abstract.params, config=config)
       eval_step = _make_eval_step(model, config)
       result = run_evaluation(eval_step, params, config, mesh)
       scalars = _eval_scalars(result)
