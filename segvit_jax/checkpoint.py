@@ -47,7 +47,7 @@ CONFIG_JSON = 'config.json'
 _ITEM = 'default'  # the CheckpointManager's name for its single item
 _SHOWN = 6  # differences listed in a mismatch message
 
-_CONFIG_PY = '''"""The config of the parameters in this directory, for --config=THIS_DIR/config.py."""
+_CONFIG_PY = '''"""The config of the parameters in this directory: --config=THIS_DIR/config.py."""
 
 import os
 
@@ -276,8 +276,12 @@ def export_params(directory: str, params: PyTree, config: ml_collections.ConfigD
   check_new_directory(directory)
   directory = os.path.abspath(directory)
   parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.partial-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.partial-', dir=parent)
+  except OSError as e:
+    raise UserError(f'{directory}: cannot create it ({e.strerror}); choose a destination you '
+                    'can write to.') from e
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
@@ -334,7 +338,8 @@ def saved_config(path: str, flag: Optional[str] = None) -> ml_collections.Config
   """
   _, _, config_path = _locate(path, flag)
   if not fileio.exists(config_path):
-    raise UserError(f'{path} has no config.json: pass --config=configs/<name>.py (the config it '
+    label = f'{flag}={path}' if flag else path
+    raise UserError(f'{label} has no config.json: pass --config=configs/<name>.py (the config it '
                     'was trained with).')
   return read_config(config_path)
 
@@ -417,7 +422,7 @@ def _fmt(value: Any) -> str:
 
 def config_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
                        sections: Sequence[str] = ('model',)) -> list[str]:
-  """'model.embed_dim 768 (checkpoint) vs 1024 (config)' for every key of `sections` that differs."""
+  """'model.embed_dim 768 (checkpoint) vs 1024 (config)' for each key of `sections` that differs."""
   out = []
   for section in sections:
     a, b = _flat_section(saved, section), _flat_section(current, section)

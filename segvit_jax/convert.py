@@ -59,7 +59,8 @@ def _atm_attention(src: str, dst: str):
 
 
 def _decoder_layer(src: str, dst: str, standard_cross_attn: bool):
-  """atm_head.py `TPN_DecoderLayer` (TPNATMHead's QU layers: torch MHA as cross-attention)."""
+  """A `TPN_DecoderLayer` (decode_heads/atm_head.py); `standard_cross_attn`: the torch
+  nn.MultiheadAttention cross-attention of the QU layers in decode_heads/tpn_atm_head.py."""
   rules = (keymap.torch_mha(src + '.self_attn', dst + '/self_attn')
            + keymap.linear(src + '.linear1', dst + '/linear1')
            + keymap.linear(src + '.linear2', dst + '/linear2'))

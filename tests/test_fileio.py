@@ -44,3 +44,15 @@ def test_local_files_unchanged(tmp_path):
     f.write('é')
   assert open(path, encoding='utf-8').read() == 'é'
   assert fileio.listdir(str(tmp_path / 'missing')) == []
+
+
+def test_config_json_on_a_url_file_system():
+  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.get_base_config()
+  config.model.img_size = (48, 64)
+  fileio.makedirs('ram://bucket/config_run')
+  path = 'ram://bucket/config_run/config.json'
+  checkpoint.write_config(path, config)
+  back = checkpoint.read_config(path)
+  assert back.to_dict() == config.to_dict() and back.model.img_size == (48, 64)
+  assert checkpoint.load_config(path).to_dict() == config.to_dict()

@@ -142,7 +142,7 @@ def test_sigterm_saves_and_exits_zero_then_continues(reference, tmp_path):
 _EVAL_SCRIPT = r"""
 import json, os, sys
 import jax
-from segvit_jax import checkpoint, convert, sharding, train
+from segvit_jax import checkpoint, sharding, train
 sys.path.insert(0, os.path.join(sys.argv[1], 'configs'))
 import synthetic
 
@@ -160,11 +160,9 @@ config.init_checkpoint = reference
 out['workdir'] = train.evaluate_checkpoint(config, os.path.join(out_dir, 'eval_workdir'))
 # The same params written as a converted checkpoint (`segvit_jax.convert`'s layout).
 _, _, _, _, spec = train._setup(config, None)
-ckpt = checkpoint.Checkpointer(os.path.join(reference, 'checkpoints'), read_only=True)
-params = jax.device_get(ckpt.restore_params(ckpt.latest_step(), spec.abstract.params))
-ckpt.close()
+params, _ = checkpoint.load_params(reference, spec.abstract.params)
 converted = os.path.join(out_dir, 'converted')
-convert.save_converted(converted, params, config, {'source': 'test'})
+checkpoint.export_params(converted, jax.device_get(params), config, {'source': 'test'})
 config.init_checkpoint = converted
 out['converted'] = train.evaluate_checkpoint(config, os.path.join(out_dir, 'eval_converted'))
 print('RESULT ' + json.dumps(out))
