@@ -43,10 +43,7 @@ image costs H * W * K * 4 bytes of device memory there (a 12-megapixel photo wit
 about 7 GB); downscale very large photos before predicting if that is too much.
 """
 
-import ast
 import dataclasses
-import importlib.util
-import json
 import os
 import sys
 import time
@@ -62,7 +59,6 @@ from PIL import Image
 from PIL import ImageOps
 
 from segvit_jax import cli
-from segvit_jax import config_base
 from segvit_jax import evaluate
 from segvit_jax import visualize
 from segvit_jax.errors import UserError
@@ -76,123 +72,24 @@ DEFAULT_OUTPUT_BUCKET = 256
 # Loading a checkpoint.
 
 
-def _parse_flat_value(value: Any, default: Any) -> Any:
-  # train.py writes tuples and None as their repr; strings stay strings where the default is one.
-  if isinstance(value, str) and not isinstance(default, str):
-    try:
-      return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      return value
-  return value
-
-
-def config_from_json(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A full config from a workdir's config.json: flat dotted keys (train.py) or nested.
-
-  Keys absent from the file keep `config_base.get_base_config()`'s defaults.
-  """
-  config = config_base.get_base_config().to_dict()
-  flat = {}
-  for key, value in data.items():
-    if isinstance(value, Mapping):  # nested layout
-      flat.update({f'{key}.{k}': v for k, v in _flatten(value).items()})
-    else:
-      flat[key] = value
-  for dotted, value in flat.items():
-    node = config
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = _parse_flat_value(value, node.get(leaf))
-  return ml_collections.ConfigDict(config)
-
-
-def _flatten(tree: Mapping[str, Any]) -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update({f'{k}.{kk}': vv for kk, vv in _flatten(v).items()})
-    else:
-      out[k] = v
-  return out
-
-
-def _load_config_file(path: str) -> ml_collections.ConfigDict:
-  if path.endswith('.json'):
-    with open(path) as f:
-      return config_from_json(json.load(f))
-  spec = importlib.util.spec_from_file_location('_predict_config', path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f'--config={path}: expected a configs/*.py file or a config.json.')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _restore_training_params(root: str, config: ml_collections.ConfigDict, model):
-  """The params of the latest step under `root` (Orbax), without reading the optimizer state."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpointer(root, async_save=False, read_only=True)
-  step = ckpt.latest_step()
-  ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f'{root} has no finished checkpoint step.')
-  _, abstract = convert.abstract_variables(config.model)
-  item = {'params': abstract['params']}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(root, options=options) as manager:
-    try:
-      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'The params of {root}/{step} do not fit config.model (embed_dim '
-                       f'{config.model.embed_dim}, depth {config.model.depth}, '
-                       f'{config.model.num_classes} classes): {e}') from e
-  logging.info('Restored params of training checkpoint %s, step %d.', root, step)
-  return restored['params']
-
-
 def load_checkpoint(path: str, config: Optional[Any] = None):
-  """(model, variables, config) of a converted directory or a training workdir.
+  """(model, variables, config) of an exported directory or a training workdir.
 
   Args:
     path: a `segvit_jax.convert` output, a training workdir, or its `checkpoints/` folder.
     config: a ConfigDict or a config file (configs/*.py or a config.json) to use instead of
       the one stored with the checkpoint (required for a workdir without config.json).
   """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
   if isinstance(config, str):
-    config = _load_config_file(config)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'--checkpoint={path!r} is not a directory (expected a '
-                            'segvit_jax.convert output or a training workdir).')
-  if convert.is_converted_dir(path):
-    if config is None:
-      return convert.load_converted(path)
-    model, abstract = convert.abstract_variables(config.model)
-    params = convert.restore_params(path, abstract['params'])
-    return model, {'params': jax.tree.map(jnp.asarray, params)}, config
-  root = checkpoint_lib.training_checkpoint_root(path)
-  if root is None:
-    raise FileNotFoundError(
-        f'--checkpoint={path!r} is neither a segvit_jax.convert output (params/ and '
-        'config.json) nor a training workdir (checkpoints/<step>/).')
+    config = checkpoint_lib.load_config(config)
   if config is None:
-    candidates = [os.path.join(path, 'config.json'),
-                  os.path.join(os.path.dirname(os.path.abspath(root)), 'config.json')]
-    found = [c for c in candidates if os.path.isfile(c)]
-    if not found:
-      raise FileNotFoundError(f'No config.json in {path!r}: pass --config=configs/<name>.py '
-                              '(the config the run was trained with).')
-    with open(found[0]) as f:
-      config = config_from_json(json.load(f))
+    config = checkpoint_lib.saved_config(path, flag='--checkpoint')
   model = segvit.build_model(config.model)
-  params = _restore_training_params(root, config, model)
+  abstract = nn.unbox(segvit.abstract_params(model))
+  params, _ = checkpoint_lib.load_params(path, abstract, config=config, flag='--checkpoint')
   return model, {'params': jax.tree.map(jnp.asarray, params)}, config
 
 

@@ -392,7 +392,8 @@ def setup(config: ml_collections.ConfigDict,
 def _load_params(path: str, run: Setup, config: ml_collections.ConfigDict) -> PyTree:
   """Params of an exported directory or a training workdir, laid out as the state's; a converted
   checkpoint's class names and palette carry over to `config` (for tables and pictures)."""
-  params, saved = checkpoint_lib.load_params(path, run.spec.abstract.params, config)
+  params, saved = checkpoint_lib.load_params(path, run.spec.abstract.params, config=config,
+                                             flag='config.init_checkpoint')
   if saved is not None and saved.get('convert') and not config.get('convert'):
     with config.unlocked():
       config.convert = saved.convert
@@ -406,16 +407,16 @@ def _initial_state(config: ml_collections.ConfigDict, run: Setup,
   latest = ckpt.latest_step()
   if latest is not None:
     console.say(f'Resuming from {ckpt.directory}, step {latest}.')
-    return ckpt.restore(latest, run.spec.abstract)
+    return ckpt.restore(latest, run.spec.abstract, config=config)
   if config.init_checkpoint:  # fine-tune: params from elsewhere, a fresh optimizer
     console.say(f'Initialising the parameters from {config.init_checkpoint}.')
     params = _load_params(config.init_checkpoint, run, config)
     return state_with_params(params, run.tx, run.spec)
   state = create_state(run.model, run.tx, config, run.spec)
   if config.pretrained_backbone:  # the ImageNet ViT; the head keeps its initialisation
-    from segvit_jax import convert as vit_pretrained  # pylint: disable=g-import-not-at-top
+    from segvit_jax.models import vit_pretrained  # pylint: disable=g-import-not-at-top
     console.say(f'Loading the pretrained backbone {config.pretrained_backbone}.')
-    state = state.replace(params=vit_pretrained.load_pretrained_backbone(
+    state = state.replace(params=vit_pretrained.load(
         state.params, config.pretrained_backbone, config.model))
   elif config.model.depth >= 12:
     console.say('Warning: no config.pretrained_backbone: the ViT trains from scratch (the '

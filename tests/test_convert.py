@@ -6,8 +6,10 @@ official-layout models from torch_reference.py (plain: ViT 64x4 + ATMHead d 32, 
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -16,9 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from segvit_jax import checkpoint
 from segvit_jax import config_base
 from segvit_jax import convert
+from segvit_jax import keymap
+from segvit_jax import mmcv_config
+from segvit_jax import predict
+from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
+from segvit_jax.models import vit_pretrained
 import torch_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +88,12 @@ def test_cli_reads_the_architecture_from_meta(files):
   dst = paths['dir'] / 'from_meta'
   proc = run_cli(paths['mmcv'], dst)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'segvit, ViT 64x4' in proc.stdout
+  # One line for a one-line result: the libraries' INFO logs are off by default.
+  assert len(proc.stdout.splitlines()) == 1 and 'segvit, ViT 64x4' in proc.stdout
+  assert proc.stderr == ''
   assert sorted(os.listdir(dst)) == ['config.json', 'config.py', 'meta.json', 'params']
 
-  _, variables, config = convert.load_converted(str(dst))
+  _, variables, config = predict.load_checkpoint(str(dst))
   m = config.model
   assert (m.name, m.embed_dim, m.depth, m.num_heads, tuple(m.out_indices)) == (
       'segvit', 64, 4, 4, (1, 2, 3))
@@ -99,7 +109,7 @@ def test_cli_reads_the_architecture_from_meta(files):
   assert meta['class_names'][3] == 'c3' and meta['palette'][2] == [20, 0, 253]
   assert len(meta['ignored']) == 1 and 'loss_decode.criterion.empty_weight' in meta['ignored'][0]
   # The config.py next to the parameters gives the same config (for --config=DST/config.py).
-  assert convert.load_config_file(str(dst / 'config.py')).to_dict() == config.to_dict()
+  assert checkpoint.load_config(str(dst / 'config.py')).to_dict() == config.to_dict()
 
   # Layout spot checks against the official tensors.
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -131,7 +141,7 @@ def test_bare_state_dict_with_config_matches_meta_conversion(files):
   dst = paths['dir'] / 'from_bare'
   message = convert.convert_to_dir(str(paths['bare']), str(dst), str(paths['config']))
   assert 'config from the given config' in message
-  _, variables, config = convert.load_converted(str(dst))
+  _, variables, config = predict.load_checkpoint(str(dst))
   assert config.model.num_classes == K and tuple(config.convert.class_names) == ()
   a, b = leaves(from_meta['params']), leaves(variables['params'])
   assert a.keys() == b.keys()
@@ -140,7 +150,7 @@ def test_bare_state_dict_with_config_matches_meta_conversion(files):
 
 
 def test_config_parsing_of_official_style_texts(tmp_path):
-  shrunk = convert.config_from_mmcv(convert.parse_mmcv_config(
+  shrunk = mmcv_config.to_config(mmcv_config.parse(
       ref.config_text('shrunk', out_indices=(1, 3), shrink_idx=2, num_classes=K)))
   m = shrunk.model
   assert (m.name, m.shrink_index, tuple(m.out_indices), m.use_stages) == (
@@ -176,9 +186,9 @@ lr_config = dict(policy='poly', warmup='linear', warmup_iters=1500, warmup_ratio
 runner = dict(type='IterBasedRunner', max_iters=80000)
 gpu_ids = range(0, 4)
 '''
-  parsed = convert.parse_mmcv_config(text)
+  parsed = mmcv_config.parse(text)
   assert 'evil' not in parsed and 'gpu_ids' not in parsed and not marker.exists()
-  config = convert.config_from_mmcv(parsed)
+  config = mmcv_config.to_config(parsed)
   expected = config_base.get_base_config()
   config_base.coco_stuff10k(expected)
   for key in ('name', 'embed_dim', 'depth', 'num_heads', 'decoder_dim', 'decoder_heads',
@@ -189,8 +199,8 @@ gpu_ids = range(0, 4)
   assert config.optim.poly_power == 2.0 and config.optim.weight_decay == 0.02
   assert config.num_train_steps == 80000 and tuple(config.eval.stride) == (341, 341)
 
-  with pytest.raises(convert.ConversionError, match='with_cls_token'):
-    convert.config_from_mmcv(convert.parse_mmcv_config(text.replace(
+  with pytest.raises(UserError, match='with_cls_token'):
+    mmcv_config.to_config(mmcv_config.parse(text.replace(
         'with_cls_token=False', 'with_cls_token=True')))
 
 
@@ -198,23 +208,86 @@ gpu_ids = range(0, 4)
 # Errors: clear message, nothing written.
 
 
-def test_truncated_file(files):
+def one_error_line(proc):
+  """The `error: ...` line of a failed CLI run, checked to be all it printed."""
+  assert proc.returncode == 1, (proc.stdout, proc.stderr[-3000:])
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+  assert not proc.stdout
+  return lines[0]
+
+
+def test_cli_errors_are_one_line_and_write_nothing(files):
   _, paths = files
   data = paths['mmcv'].read_bytes()
   truncated = paths['dir'] / 'truncated.pth'
   truncated.write_bytes(data[:len(data) // 2])
   dst = paths['dir'] / 'out_truncated'
-  proc = run_cli(truncated, dst)
-  assert proc.returncode == 1
-  assert 'truncated.pth' in proc.stderr and 'Is the file complete (not truncated)' in proc.stderr
-  assert 'Traceback' not in proc.stderr
+  line = one_error_line(run_cli(truncated, dst))
+  assert 'truncated.pth' in line and 'is the file truncated?' in line
   assert_nothing_written(str(dst))
+  # A wrong model config: every contradiction in the one line.
+  dst = paths['dir'] / 'out_wrong_config'
+  line = one_error_line(run_cli(paths['mmcv'], dst, f'--config={REPO}/configs/ade20k_base.py'))
+  assert 'does not match' in line
+  assert 'model.num_classes is 150' in line and '(7, 32)' in line
+  assert 'model.embed_dim is 768' in line and '(64, 3, 16, 16)' in line
+  assert 'model.depth is 12 but the checkpoint has 4 blocks' in line
+  assert 'needs a 32x32 position grid' in line and 'img_size 64' in line
+  assert_nothing_written(str(dst))
+  line = one_error_line(run_cli(paths['mmcv']))
+  assert 'expected SRC.pth DST_DIR' in line
+
+
+def _write_bad_files(tmp):
+  """name -> path of files that are not PyTorch checkpoints, each in its own way."""
+  rng = np.random.default_rng(0)
+  (tmp / 'random.pth').write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  (tmp / 'a_directory.pth').mkdir()
+  (tmp / 'not_a_zip.zip').write_text('just some text, not an archive\n')
+  with zipfile.ZipFile(tmp / 'photos.zip', 'w') as archive:
+    archive.writestr('img/0001.jpg', b'\xff\xd8\xff')
+  np.savez(tmp / 'weights.npz', kernel=np.zeros((2, 2)))
+  with open(tmp / 'plain_pickle.pth', 'wb') as f:
+    pickle.dump({'state_dict': {'w': [1.0, 2.0]}}, f, protocol=4)
+  (tmp / 'empty.pth').write_bytes(b'')
+  return {p.name: p for p in tmp.iterdir()}
+
+
+@pytest.mark.parametrize('name, says', [
+    ('random.pth', 'is not a PyTorch checkpoint: neither a torch.save zip archive nor a pickle'),
+    ('a_directory.pth', 'is a directory, not a checkpoint file'),
+    ('not_a_zip.zip', 'is not a PyTorch checkpoint: neither a torch.save zip archive'),
+    ('photos.zip', "is a zip archive but not a torch.save file (no data.pkl in it; first entries "
+                   "['img/0001.jpg'])"),
+    ('weights.npz', 'is a numpy .npz archive, not a PyTorch checkpoint'),
+    ('plain_pickle.pth', 'is a Python pickle but not a torch.save file'),
+    ('empty.pth', 'is empty (0 bytes)'),
+    ('missing.pth', 'no such file'),
+])
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, name, says):
+  path = _write_bad_files(tmp_path).get(name, tmp_path / name)
+  dst = tmp_path / 'out'
+  with pytest.raises(UserError) as info:
+    convert.convert_to_dir(str(path), str(dst))
+  message = str(info.value)
+  assert says in message and '\n' not in message
+  assert 'official mmseg .pth' in message or name == 'missing.pth'
+  for misleading in ('legacy', 'allow_pickle', 'tar archive'):
+    assert misleading not in message
+  assert_nothing_written(str(dst))
+
+
+def test_random_file_through_the_cli(tmp_path):
+  path = _write_bad_files(tmp_path)['random.pth']
+  line = one_error_line(run_cli(path, tmp_path / 'out'))
+  assert 'random.pth (4096 bytes, starting' in line and 'is not a PyTorch checkpoint' in line
 
 
 def test_bare_state_dict_needs_a_config(files):
   _, paths = files
   dst = str(paths['dir'] / 'out_bare')
-  with pytest.raises(convert.ConversionError, match=r"no meta\['config'\].*--config"):
+  with pytest.raises(UserError, match=r"no meta\['config'\].*--config"):
     convert.convert_to_dir(str(paths['bare']), dst)
   assert_nothing_written(dst)
 
@@ -229,27 +302,13 @@ def test_checkpoint_of_another_model(files):
   src = paths['dir'] / 'uper.pth'
   torch.save({'meta': {'config': text}, 'state_dict': other.state_dict()}, src)
   dst = str(paths['dir'] / 'out_other')
-  with pytest.raises(convert.ConversionError, match='ResNetV1c \\+ UPerHead.*SegViT only'):
+  with pytest.raises(UserError, match='ResNetV1c \\+ UPerHead.*SegViT only'):
     convert.convert_to_dir(str(src), dst)
   # Without its config (an explicit segvit_jax config instead) the tensors give it away.
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(UserError,
                      match='not a SegViT checkpoint.*decode_head.conv_seg.weight'):
     convert.convert_to_dir(str(src), dst, str(paths['config']))
   assert_nothing_written(dst)
-
-
-def test_wrong_config_names_every_contradiction(files):
-  _, paths = files
-  dst = paths['dir'] / 'out_wrong_config'
-  proc = run_cli(paths['mmcv'], dst, f'--config={REPO}/configs/ade20k_base.py')
-  assert proc.returncode == 1
-  err = proc.stderr
-  assert 'does not match' in err
-  assert 'model.num_classes is 150' in err and '(7, 32)' in err
-  assert 'model.embed_dim is 768' in err and '(64, 3, 16, 16)' in err
-  assert 'model.depth is 12 but the checkpoint has 4 blocks' in err
-  assert 'needs a 32x32 position grid' in err and 'img_size 64' in err
-  assert_nothing_written(str(dst))
 
 
 def test_missing_unexpected_and_misshaped_keys_in_one_error(files):
@@ -263,7 +322,7 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(files):
   src = paths['dir'] / 'broken.pth'
   torch.save({'meta': {'config': ref.config_text('plain', num_classes=K)}, 'state_dict': sd}, src)
   dst = str(paths['dir'] / 'out_broken')
-  with pytest.raises(convert.ConversionError) as info:
+  with pytest.raises(UserError) as info:
     convert.convert_to_dir(str(src), dst)
   msg = str(info.value)
   assert '2 missing' in msg and '2 unexpected' in msg and '1 wrong shape' in msg
@@ -282,7 +341,7 @@ def test_pickled_objects_need_allow_pickle(files):
                        'PALETTE': np.arange(3 * K).reshape(K, 3)},
               'state_dict': model.state_dict()}, src)
   dst = paths['dir'] / 'out_numpy_meta'
-  with pytest.raises(convert.ConversionError, match='--allow_pickle'):
+  with pytest.raises(UserError, match='--allow_pickle'):
     convert.convert_to_dir(str(src), str(dst))
   assert_nothing_written(str(dst))
   convert.convert_to_dir(str(src), str(dst), allow_pickle=True)
@@ -294,7 +353,7 @@ def test_existing_destination_is_left_alone(files):
   dst = paths['dir'] / 'occupied'
   dst.mkdir()
   (dst / 'keep.txt').write_text('mine')
-  with pytest.raises(convert.ConversionError, match='already exists'):
+  with pytest.raises(UserError, match='already exists'):
     convert.convert_to_dir(str(paths['mmcv']), str(dst))
   assert os.listdir(dst) == ['keep.txt']
 
@@ -311,8 +370,7 @@ def backbone_setup(grid=3):
   config = config_base.get_base_config()
   config.model.update(TINY)
   model = segvit.build_model(config.model)
-  boxed = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)), train=False))['params']
+  boxed = segvit.abstract_params(model)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), boxed)
   return vit, config, params
 
@@ -323,9 +381,9 @@ def expected_backbone(vit):
   sd['backbone.pos_embed'] = ref.resize_pos_embed(sd['backbone.pos_embed'], (4, 4), (3, 3))
   config = config_base.get_base_config()
   config.model.update(TINY)
-  _, abstract = convert.abstract_variables(config.model)
-  params, report = convert.convert_state_dict(
-      sd, {'backbone': abstract['params']['backbone']}, 'segvit', rules=convert.backbone_rules())
+  abstract = nn.unbox(segvit.abstract_params(segvit.build_model(config.model)))
+  params, report = keymap.map_state_dict(sd, {'backbone': abstract['backbone']},
+                                         keymap.vit_rules())
   assert report.error() is None, report.error()
   return leaves(params['backbone'])
 
@@ -369,10 +427,11 @@ def test_augreg_npz_backbone_with_position_grid_resize(tmp_path, caplog):
   path = tmp_path / 'L_16-i21k-tiny.npz'
   np.savez(path, **npz)
   caplog.set_level('INFO')
-  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit)
+  check_loaded(vit_pretrained.load(params, str(path), config.model), vit)
   table = caplog.text
   assert 'loaded         68 tensors' in table and '(head, fresh)' in table
-  assert 'ignored         4 tensors' in table and 'head/kernel (64, 10): ImageNet classifier' in table
+  assert 'ignored         4 tensors' in table
+  assert 'head/kernel (64, 10): ImageNet classifier' in table
 
 
 def test_mmseg_vit_pth_backbone_with_position_grid_resize(tmp_path):
@@ -381,7 +440,7 @@ def test_mmseg_vit_pth_backbone_with_position_grid_resize(tmp_path):
   sd['ln1.weight'], sd['ln1.bias'] = torch.ones(64), torch.zeros(64)  # the ignored final norm
   path = tmp_path / 'vit_tiny_p16_384.pth'
   torch.save(sd, path)
-  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit)
+  check_loaded(vit_pretrained.load(params, str(path), config.model), vit)
 
 
 def test_pretrained_backbone_of_the_wrong_size(tmp_path):
@@ -389,18 +448,18 @@ def test_pretrained_backbone_of_the_wrong_size(tmp_path):
   small = ref.VisionTransformer((48, 48), 16, 32, 4, 4, 4, (1, 2, 3))
   path = tmp_path / 'vit_small.pth'
   torch.save(small.state_dict(), path)
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(UserError,
                      match=r'(?s)embed_dim 64.*patch_embed.projection.weight: checkpoint '
                            r'\(32, 3, 16, 16\), model expects \(64, 3, 16, 16\)'):
-    convert.load_pretrained_backbone(params, str(path), config.model)
-  with pytest.raises(convert.ConversionError, match='AugReg .npz or an mmseg'):
-    convert.load_pretrained_backbone(params, str(tmp_path / 'weights.safetensors'), config.model)
+    vit_pretrained.load(params, str(path), config.model)
+  with pytest.raises(UserError, match='AugReg .npz or an mmseg'):
+    vit_pretrained.load(params, str(tmp_path / 'weights.safetensors'), config.model)
 
 
 def test_resize_matches_torch_bicubic():
   table = torch.randn(1, 1 + 24 * 24, 8)
   want = ref.resize_pos_embed(table, (40, 30), (24, 24)).numpy()
-  got = convert._resize_pos_embed(table.numpy(), (40, 30))  # pylint: disable=protected-access
+  got = vit_pretrained.resize_pos_embed(table.numpy(), (40, 30))
   # PyTorch-compatible bicubic (a = -0.75, clamped borders) up to float32 rounding.
   assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
   np.testing.assert_array_equal(got[:, 0], want[:, 0])  # the cls slot is kept as is

@@ -20,17 +20,15 @@ def test_trainer_files_on_a_url_file_system():
   from segvit_jax import train  # pylint: disable=g-import-not-at-top
   workdir = 'ram://bucket/run'
   fileio.makedirs(workdir)
-  writer = train.JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
-  writer.write_scalars(1, {'train/loss': 2.5})
-  writer.write_scalars(2, {'train/loss': float('nan')})
+  writer = train.MetricsWriter(workdir)
+  writer.write(1, {'train/loss': 2.5})
+  writer.write(2, {'train/loss': np.float32('nan')})
   writer.close()
-  train._write_json(os.path.join(workdir, 'final.json'), {'miou': np.float32(0.5)})
   with fileio.open_file(os.path.join(workdir, 'metrics.jsonl')) as f:
-    assert [json.loads(l) for l in f] == [{'step': 1, 'train/loss': 2.5},
-                                          {'step': 2, 'train/loss': None}]
-  with fileio.open_file(os.path.join(workdir, 'final.json')) as f:
-    assert json.load(f) == {'miou': 0.5}
-  assert sorted(fileio.listdir(workdir)) == ['final.json', 'metrics.jsonl']
+    assert [json.loads(line) for line in f] == [{'step': 1, 'train/loss': 2.5},
+                                                {'step': 2, 'train/loss': None}]
+  names = sorted(fileio.listdir(workdir))
+  assert names[-1] == 'metrics.jsonl' and names[0].startswith('events.out.tfevents'), names
   assert not fileio.isdir(os.path.join(workdir, 'checkpoints'))
   assert checkpoint.training_checkpoint_root(workdir) is None
   for step in ('3', '10'):
@@ -44,3 +42,15 @@ def test_local_files_unchanged(tmp_path):
     f.write('é')
   assert open(path, encoding='utf-8').read() == 'é'
   assert fileio.listdir(str(tmp_path / 'missing')) == []
+
+
+def test_config_json_on_a_url_file_system():
+  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.get_base_config()
+  config.model.img_size = (48, 64)
+  fileio.makedirs('ram://bucket/config_run')
+  path = 'ram://bucket/config_run/config.json'
+  checkpoint.write_config(path, config)
+  back = checkpoint.read_config(path)
+  assert back.to_dict() == config.to_dict() and back.model.img_size == (48, 64)
+  assert checkpoint.load_config(path).to_dict() == config.to_dict()

@@ -1,21 +1,22 @@
 """Prediction on files: outputs, bucketing, corrupt inputs, consistency with evaluation."""
 
-import json
 import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
+from segvit_jax import checkpoint
 from segvit_jax import config_base
-from segvit_jax import convert
 from segvit_jax import evaluate
 from segvit_jax import predict
 from segvit_jax import visualize
+from segvit_jax.models import segvit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 3
@@ -74,10 +75,9 @@ def _image(rng, h, w):
 def setup(tmp_path_factory):
   base = tmp_path_factory.mktemp('predict')
   config = tiny_config()
-  _, abstract = convert.abstract_variables(config.model)
-  params = random_params(abstract['params'])
+  params = random_params(nn.unbox(segvit.abstract_params(segvit.build_model(config.model))))
   ckpt = str(base / 'ckpt')
-  convert.save_converted(ckpt, params, config, {'source': 'test'})
+  checkpoint.export_params(ckpt, params, config, {'source': 'test'})
   inputs = base / 'inputs'
   inputs.mkdir()
   rng = np.random.default_rng(0)
@@ -193,25 +193,13 @@ def test_tta_matches_evaluate(setup, predictor):
 
 
 def test_training_workdir_restores_params_only(setup, predictor, tmp_path):
-  from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   params = setup['params']
   state = {'step': np.int32(7), 'params': params,
            'opt_state': ({'mu': jax.tree.map(np.zeros_like, params)}, {'count': np.int32(7)})}
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
   ckpt.save(7, jax.tree.map(jnp.asarray, state))
   ckpt.close()
-  # train.py writes the config flat, tuples as their repr.
-  flat = {}
-
-  def visit(prefix, value):
-    if hasattr(value, 'items'):
-      for k, v in value.items():
-        visit(f'{prefix}.{k}' if prefix else k, v)
-    else:
-      flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-  visit('', setup['config'])
-  (tmp_path / 'config.json').write_text(json.dumps(flat))
+  checkpoint.write_config(str(tmp_path / 'config.json'), setup['config'])  # as the trainer does
   loaded = predict.load(str(tmp_path))
   assert loaded.config.eval.crop_size == (32, 32)
   assert loaded.config.model.to_dict() == setup['config'].model.to_dict()

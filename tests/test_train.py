@@ -196,8 +196,7 @@ def test_eval_mode_on_workdir_and_exported_params(reference, tmp_path):
   run = train.setup(config, ONE_DEVICE)
   params, _ = checkpoint.load_params(workdir, run.spec.abstract.params)
   exported = str(tmp_path / 'exported')
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
-  convert.save_converted(exported, jax.device_get(params), config, {'source': 'test'})
+  checkpoint.export_params(exported, jax.device_get(params), config, {'source': 'test'})
   config = tiny_runs.tiny_config(init_checkpoint=exported, **overrides)
   out = train.evaluate_checkpoint(config, str(tmp_path / 'eval_exported'), devices=ONE_DEVICE)
   assert out['val/miou'] == pytest.approx(final['miou'], abs=1e-9)
