@@ -26,10 +26,15 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def fail(message: str) -> NoReturn:
-  """Prints `error: <message>` (its first line) on stderr and exits 1."""
+def print_error(message: str) -> None:
+  """Prints `error: <message>` (its first line) on stderr."""
   first = str(message).strip().splitlines()[0] if str(message).strip() else 'failed'
   print(f'error: {first}', file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: <message>` and exits 1."""
+  print_error(message)
   sys.exit(EXIT_USER_ERROR)
 
 

@@ -21,7 +21,7 @@ Python API:
 import math
 import os
 import re
-import sys
+
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
@@ -269,30 +269,24 @@ def convert_to_dir(src: str, dst: str, config=None, allow_pickle: bool = False) 
 
 
 def main(argv: Sequence[str]) -> int:
-  """CLI body: argv = [prog, SRC, DST_DIR]. Exit status 0, or 1 with one `error:` line."""
+  """CLI body: argv = [prog, SRC, DST_DIR]; prints the one-line summary."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and JAX log a lot at INFO
-  try:
-    if len(argv) != 3:
-      raise UserError('expected SRC.pth DST_DIR: python -m segvit_jax.convert SRC.pth DST_DIR '
-                      '[--config=configs/X.py|DIR/config.json] [--allow_pickle]')
-    print(convert_to_dir(argv[1], argv[2], flags.FLAGS.config, flags.FLAGS.allow_pickle))
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  if len(argv) != 3:
+    raise UserError('expected SRC.pth DST_DIR: python -m segvit_jax.convert SRC.pth DST_DIR '
+                    '[--config=configs/X.py|DIR/config.json] [--allow_pickle]')
+  print(convert_to_dir(argv[1], argv[2], flags.FLAGS.config, flags.FLAGS.allow_pickle))
   return 0
 
 
-def _run():
-  from absl import app  # pylint: disable=g-import-not-at-top
+def run():
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from segvit_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('config', None, 'segvit_jax config (configs/*.py or a config.json); '
                       "default: read meta['config'] of the checkpoint.")
   flags.DEFINE_bool('allow_pickle', False,
                     'Unpickle arbitrary objects in the checkpoint (only for files you trust).')
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  _run()
+  run()

@@ -251,25 +251,37 @@ class PendingMetrics:
     return mean
 
 
+class JsonlFile:
+  """Appends one JSON object per write to a file: {'step': s, name: value, ...}, NaN as null,
+  flushed at once so that a killed run keeps every line it wrote."""
+
+  def __init__(self, path: str):
+    self._file = fileio.open_file(path, 'a')
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    record = {'step': int(step)}
+    record.update({k: float(v) if math.isfinite(float(v)) else None for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricsWriter:
-  """TensorBoard events (clu) and WORKDIR/metrics.jsonl: one JSON object per write, NaN as
-  null, flushed at once so a killed run keeps every line. Process 0 only."""
+  """TensorBoard events (clu's writers) and WORKDIR/metrics.jsonl, written by process 0; the
+  other processes only log."""
 
   def __init__(self, workdir: str):
-    self._main = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(
-        workdir if self._main else None, just_logging=not self._main)
-    self._jsonl = (fileio.open_file(os.path.join(workdir, 'metrics.jsonl'), 'a')
-                   if self._main else None)
+    main = jax.process_index() == 0
+    self._writer = metric_writers.create_default_writer(workdir if main else None,
+                                                        just_logging=not main)
+    self._jsonl = JsonlFile(os.path.join(workdir, 'metrics.jsonl')) if main else None
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     self._writer.write_scalars(step, scalars)
     if self._jsonl is not None:
-      record = {'step': int(step)}
-      record.update({k: float(v) if math.isfinite(float(v)) else None
-                     for k, v in scalars.items()})
-      self._jsonl.write(json.dumps(record) + '\n')
-      self._jsonl.flush()
+      self._jsonl.write(step, scalars)
 
   def close(self) -> None:
     self._writer.close()
@@ -469,8 +481,9 @@ class Loop:
   after_step: Optional[Callable[..., None]]
 
 
-def _log(step: int, loop: Loop, outcome: LoopOutcome) -> None:
-  """Fetches the pending steps (the non-finite gate), writes their mean, prints progress."""
+def _log(step: int, loop: Loop, outcome: LoopOutcome, *, show: bool = True) -> None:
+  """Fetches the pending steps (the non-finite gate), writes their mean and, with `show`, prints
+  the progress line."""
   mean = loop.pending.fetch_mean()
   if mean is None:
     return
@@ -479,11 +492,12 @@ def _log(step: int, loop: Loop, outcome: LoopOutcome) -> None:
   scalars.update(learning_rate=mean['learning_rate'], steps_per_sec=rate)
   loop.writer.write(step, scalars)
   outcome.last_logged = scalars
-  console.say(loop.progress.line(step, mean, rate))
+  if show:
+    console.say(loop.progress.line(step, mean, rate))
 
 
 def _save(step: int, loop: Loop, outcome: LoopOutcome, metrics=None) -> None:
-  _log(step, loop, outcome)  # raises before a diverged state is saved
+  _log(step, loop, outcome, show=False)  # raises before a diverged state is saved
   if outcome.saved_step != step:
     loop.ckpt.save(step, outcome.state, metrics=metrics)
     outcome.saved_step = step

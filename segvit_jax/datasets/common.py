@@ -20,10 +20,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from segvit_jax.errors import UserError
+
 IGNORE_LABEL = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
   """Bad or missing source data; the message names the file and what was expected."""
 
 

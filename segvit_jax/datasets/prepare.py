@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from segvit_jax import cli
+
 NAMES = ('ade20k', 'coco_stuff10k', 'pascal_context', 'pascal_context/59',
          'pascal_context/60', 'mmseg_folder')
 
@@ -49,7 +51,7 @@ def build(name: str, manual_dir: str | None, data_dir: str | None,
           overwrite: bool = False, log=print) -> dict[str, dict[str, int]]:
   """Prepares `name` (all configs for 'pascal_context'); returns {full name: split counts}."""
   import tensorflow_datasets as tfds
-  import segvit_jax.datasets  # pylint: disable=unused-import  (registers the builders)
+  import segvit_jax.datasets  # noqa: F401  (registers the builders)
 
   names = ['pascal_context/60', 'pascal_context/59'] if name == 'pascal_context' else [name]
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
@@ -77,13 +79,12 @@ def main(argv=None) -> int:
     if args.name == 'mmseg_folder':
       from segvit_jax.datasets import mmseg_folder  # pylint: disable=g-import-not-at-top
       if not args.folder or args.num_classes is None:
-        print('mmseg_folder needs --folder and --num_classes.', file=sys.stderr)
-        return 2
+        raise common.DatasetError('mmseg_folder needs --folder=PATH and --num_classes=K.')
       mmseg_folder.validate(_expand(args.folder), args.num_classes, args.reduce_zero_label)
     else:
       build(args.name, _expand(args.manual_dir), _expand(args.data_dir), args.overwrite)
   except common.DatasetError as e:
-    print(f'error: {e}', file=sys.stderr)
+    cli.print_error(str(e))
     return 1
   return 0
 
