@@ -1041,7 +1041,7 @@ def main(argv: Sequence[str], config=None, allow_pickle: bool = False) -> int:
   return 0
 
 
-def _run():
+def run():  # also the console script
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -1054,4 +1054,4 @@ def _run():
 
 
 if __name__ == '__main__':
-  _run()
+  run()

@@ -96,5 +96,10 @@ def _print_summary(result: dict, workdir: str, config_num_predictions: int) -> N
     print(f'Predictions: {os.path.join(workdir, "predictions.png")}')
 
 
-if __name__ == '__main__':
+def run():
+  """The `segvit-train` console script."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -665,9 +665,9 @@ def main(argv: Sequence[str]) -> int:
   return 0 if summary.images > 0 else 1
 
 
-def _run():
+def run():  # also the console script
   app.run(lambda argv: sys.exit(main(argv)))
 
 
 if __name__ == '__main__':
-  _run()
+  run()
