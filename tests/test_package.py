@@ -203,7 +203,7 @@ def test_installed_commands_train_and_predict(installed, run_cli):
   images = os.path.join(installed.elsewhere, 'images')
   os.mkdir(images)
   rng = np.random.default_rng(0)
-  sizes = {'a.jpg': (40, 56), 'b.png': (30, 30)}
+  sizes = {'a.jpg': (40, 56), 'b.png': (40, 56)}  # one shape: one compilation
   for name, size in sizes.items():
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
         os.path.join(images, name))
