@@ -1,19 +1,24 @@
 # make demo: train + evaluate the small synthetic SegViT on CPU and draw its predictions.
 # make test: the whole test suite (CPU only).
-# Both create .venv (Python 3.11) and install the pinned requirements on first use.
+# Both create .venv (Python 3.11) on first use, install the pinned requirements and the package
+# (editable) into it, and install again when a requirements file or pyproject.toml changes.
 
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# The pinned requirements `make` installs: the package's, PyTorch (converter, parity tests) and the
+# test tools. An environment that also compiles for TPUs adds requirements-tpu.txt here.
+REQUIREMENTS := requirements.txt requirements-torch.txt requirements-test.txt
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test clean-venv
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): $(REQUIREMENTS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet $(addprefix -r ,$(REQUIREMENTS))
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

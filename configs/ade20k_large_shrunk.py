@@ -1,6 +1,11 @@
 r"""SegViT-Shrunk ViT-L/16 on ADE20K, 640x640, 160k iterations (official shrink8_tpnatm).
 
-  python -m segvit_jax.main --config=configs/ade20k_large_shrunk.py --workdir=/tmp/ade20k_shrunk
+The backbone starts from Google's AugReg ViT-L/16 (ImageNet-21k, fine-tuned on ImageNet-1k at
+384), as the official config does; without --config.pretrained_backbone it trains from scratch.
+
+  wget https://storage.googleapis.com/vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz
+  python -m segvit_jax.main --config=configs/ade20k_large_shrunk.py --workdir=/tmp/ade20k_shrunk \
+      --config.pretrained_backbone=L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz
 """
 
 from segvit_jax import config_base

@@ -3,7 +3,7 @@
 # subcommand:
 #
 #   launch/tpu_vm.sh create --project=P --zone=Z --name=N --accelerator_type=v4-32 [--spot]
-#   launch/tpu_vm.sh setup  --project=P --zone=Z --name=N
+#   launch/tpu_vm.sh setup  --project=P --zone=Z --name=N [--pretrained=FILE.npz]
 #   launch/tpu_vm.sh run    --project=P --zone=Z --name=N --config=configs/ade20k_large.py \
 #       --workdir=gs://BUCKET/runs/ade20k_large --data_dir=gs://BUCKET/tfds [--config.key=value ...]
 #   launch/tpu_vm.sh logs   --project=P --zone=Z --name=N
@@ -14,7 +14,6 @@
 set -euo pipefail
 
 PROG=tpu_vm.sh
-readonly JAX_VERSION=0.10.2
 readonly REMOTE_ARCHIVE=segvit_jax_code.tar.gz
 
 usage() {
@@ -26,7 +25,8 @@ Commands (run in this order):
            (needs --accelerator_type; --runtime_version, --spot optional)
   status   print the queued resource (its state.state is ACTIVE once the slice is up)
   setup    copy the code to every worker, create a Python venv there and install
-           jax[tpu]==${JAX_VERSION} and requirements.txt (run again after changing the code)
+           requirements.txt and requirements-tpu.txt (libtpu) into it (run again after
+           changing the code); --pretrained copies ImageNet ViT weights to every worker
   run      start segvit_jax.main in the background on every worker (needs --config, --workdir;
            --data_dir and --config.key=value overrides optional); one log file per worker
   logs     follow the log of worker 0 (or --worker=N); Ctrl-C stops following, not training
@@ -45,6 +45,10 @@ Flags:
   --poll_seconds=S             create: seconds between state checks (default 30)
   --python=PYTHON              setup: interpreter for the venv (default python3.11)
   --remote_dir=DIR             directory on the workers, relative to the home (default segvit_jax)
+  --pretrained=FILE            setup: a pretrained backbone (.npz or .pth) to put on every worker
+                               as REMOTE_DIR/pretrained/BASENAME; a local file is copied from
+                               here, a gs:// file is fetched by each worker. Repeatable. Then run
+                               with --config.pretrained_backbone=pretrained/BASENAME
   --config=FILE                run: config file relative to the repository, e.g. configs/X.py
   --workdir=DIR                run: checkpoints and metrics; use gs://BUCKET/... on a multi-host
                                slice (every worker must see the same directory)
@@ -82,6 +86,7 @@ WORKDIR=''
 DATA_DIR=''
 WORKER=0
 CONFIG_OVERRIDES=()
+PRETRAINED=()
 
 # set_flag NAME VALUE: one --NAME=VALUE flag.
 set_flag() {
@@ -98,6 +103,7 @@ set_flag() {
     --workdir) WORKDIR=$2 ;;
     --data_dir) DATA_DIR=$2 ;;
     --worker) WORKER=$2 ;;
+    --pretrained) PRETRAINED+=("$2") ;;
     *) usage_error "unknown flag $1" ;;
   esac
 }
@@ -198,33 +204,55 @@ cmd_status() {
   run_cmd gcloud compute tpus queued-resources describe "${NAME}" "${GCLOUD_LOCATION[@]}"
 }
 
+# The files setup copies to the workers (relative to the repository).
+readonly CODE_MEMBERS=(segvit_jax configs requirements.txt requirements-tpu.txt)
+
 cmd_setup() {
-  local member
-  for member in segvit_jax configs requirements.txt; do
+  local member file
+  for member in "${CODE_MEMBERS[@]}"; do
     [[ -e "${REPO_ROOT}/${member}" ]] || fail "${REPO_ROOT}/${member} not found"
+  done
+  for file in "${PRETRAINED[@]}"; do
+    [[ "${file}" == gs://* || -f "${file}" ]] \
+      || usage_error "--pretrained=${file}: no such file (give a local file or gs://BUCKET/FILE)"
   done
   local archive="${TMPDIR:-/tmp}/segvit_jax_code_${NAME}.tar.gz"
   local dir
   dir=$(shell_quote "${REMOTE_DIR}")
-  # The old code goes first so that deleted files do not linger; the venv and logs stay.
-  local remote="mkdir -p ${dir} && rm -rf ${dir}/segvit_jax ${dir}/configs"
+  # The old code goes first so that deleted files do not linger; the venv, logs and pretrained/
+  # stay.
+  local remote="mkdir -p ${dir}/pretrained && rm -rf ${dir}/segvit_jax ${dir}/configs"
   remote+=" && tar -xzf ${REMOTE_ARCHIVE} -C ${dir} && rm -f ${REMOTE_ARCHIVE} && cd ${dir}"
   remote+=" && if ! command -v ${PYTHON} > /dev/null; then sudo apt-get update -qq"
   remote+=" && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"
   remote+=" ${PYTHON} ${PYTHON}-venv; fi"
   remote+=" && if [ ! -x .venv/bin/python ]; then ${PYTHON} -m venv .venv; fi"
   remote+=" && .venv/bin/pip install -q --upgrade pip"
-  # requirements.txt pins jax/jaxlib to the same version; the [tpu] extra adds libtpu (PyPI).
-  remote+=" && .venv/bin/pip install -q \"jax[tpu]==${JAX_VERSION}\" -r requirements.txt"
+  # requirements-tpu.txt holds the libtpu that the pinned jax's [tpu] extra names.
+  remote+=" && .venv/bin/pip install -q -r requirements.txt -r requirements-tpu.txt"
   remote+=" && .venv/bin/python -c"
   remote+=" \"import jax, flax, optax, orbax.checkpoint, tensorflow_datasets\""
+  for file in "${PRETRAINED[@]}"; do
+    if [[ "${file}" == gs://* ]]; then  # each worker reads the bucket itself
+      remote+=" && gcloud storage cp $(shell_quote "${file}") $(shell_quote "pretrained/${file##*/}")"
+    fi
+  done
   remote+=" && echo \"segvit_jax environment ready on \$(hostname)\""
 
   run_cmd tar -czf "${archive}" -C "${REPO_ROOT}" --exclude=__pycache__ --exclude='*.pyc' \
-    segvit_jax configs requirements.txt
+    "${CODE_MEMBERS[@]}"
   run_cmd gcloud compute tpus tpu-vm scp "${archive}" "${NAME}:${REMOTE_ARCHIVE}" \
     "${GCLOUD_LOCATION[@]}" --worker=all
   ssh_workers all "${remote}"
+  for file in "${PRETRAINED[@]}"; do
+    if [[ "${file}" != gs://* ]]; then
+      run_cmd gcloud compute tpus tpu-vm scp "${file}" \
+        "${NAME}:${REMOTE_DIR}/pretrained/${file##*/}" "${GCLOUD_LOCATION[@]}" --worker=all
+    fi
+  done
+  for file in "${PRETRAINED[@]}"; do
+    info "run with --config.pretrained_backbone=pretrained/${file##*/} to start from ${file}"
+  done
 }
 
 cmd_run() {
@@ -305,6 +333,10 @@ main() {
   require_flag name "${NAME}"
   if (( ${#CONFIG_OVERRIDES[@]} )) && [[ "${command}" != run ]]; then
     usage_error "--config.* overrides only apply to 'run', got ${CONFIG_OVERRIDES[0]}"
+  fi
+  if (( ${#PRETRAINED[@]} )) && [[ "${command}" != setup ]]; then
+    usage_error "--pretrained only applies to 'setup' (then run with" \
+      "--config.pretrained_backbone=pretrained/FILE)"
   fi
   gcloud_location
   "cmd_${command}"

@@ -306,6 +306,7 @@ def export_params(directory: str, params: PyTree, config: ml_collections.ConfigD
 def _locate(path: str, flag: Optional[str]) -> tuple[str, str, str]:
   """(kind 'exported' | 'training', the params' item directory, the config.json path)."""
   label = f'{flag}={path}' if flag else path
+  path = fileio.absolute(path)  # Orbax takes absolute paths only
   expected = ('expected a directory written by `python -m segvit_jax.convert` or a training '
               'workdir')
   if not fileio.exists(path):

@@ -149,6 +149,10 @@ def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
+  # Console scripts run from a wrapper file: absl's --help lists the flags of argv[0]'s module.
+  for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
   def parse(argv):
     try:
       return flags.FLAGS(argv)

@@ -377,6 +377,11 @@ def main(argv):
     print(f'    [{kind}] {value:.3f}')
 
 
-if __name__ == '__main__':
+def run():
+  """The `segvit-summary` console script."""
   _define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

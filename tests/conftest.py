@@ -1,27 +1,90 @@
-"""Set-up of every test process, before JAX starts: 8 simulated CPU devices (meshes run
-in-process), quiet TensorFlow, and a persistent compilation cache per test worker (the same tiny
-programs compile once across tests and the subprocesses they start)."""
+"""Set-up of every test process and shared helpers.
+
+Before JAX starts in a test process: 8 simulated CPU devices (meshes run in-process), XLA:CPU
+flags that cut a tiny model's compile time about 3x, quiet TensorFlow, and a persistent
+compilation cache per test worker, so that the same tiny programs compile once across tests and
+the subprocesses they start. Subprocesses inherit all of it (`subprocess_env`), so in-process
+and subprocess runs compile the same programs and compare bit for bit.
+
+Helpers are fixtures (`repo_root`, `subprocess_env`, `run_cli`) and, for values needed at import
+time, module attributes: `from conftest import ROOT`.
+"""
 
 import os
+import subprocess
+import sys
 import tempfile
 
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+
+
+def _xla_flags(flags: str, num_devices: int) -> str:
+  kept = [f for f in flags.split() if 'device_count' not in f]
+  kept += [f for f in _FAST_COMPILE if f not in kept]
+  return ' '.join(kept + [f'--xla_force_host_platform_device_count={num_devices}'])
 
 
 def _set_environment() -> None:
   os.environ['JAX_PLATFORMS'] = 'cpu'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  # XLA:CPU spends most of a tiny model's compile in LLVM; these cut it about 3x. Every test
-  # and every subprocess it starts use the same flags, so results compare as with the defaults.
-  flags += [f for f in _FAST_COMPILE if f not in flags]
-  flags.append('--xla_force_host_platform_device_count=8')
-  os.environ['XLA_FLAGS'] = ' '.join(flags)
+  os.environ['XLA_FLAGS'] = _xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix=f'segvit_jax_cache_{worker}_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix=f'segvit_cache_{worker}_')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
 
 
 _set_environment()
+
+
+def subprocess_env(num_devices=1, pythonpath=None, **variables):
+  """os.environ (this process's set-up) for a child Python on `num_devices` CPU devices.
+
+  Args:
+    num_devices: CPU devices XLA simulates (fixed when JAX starts, hence subprocesses).
+    pythonpath: the child's whole sys.path prefix; default the repository root before the
+      inherited PYTHONPATH.
+    **variables: further environment variables (str values).
+  """
+  env = dict(os.environ)
+  if pythonpath is None:
+    pythonpath = [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+  env['PYTHONPATH'] = os.pathsep.join(pythonpath)
+  env['XLA_FLAGS'] = _xla_flags(env.get('XLA_FLAGS', ''), num_devices)
+  env.update(variables)
+  return env
+
+
+def run_cli(module, *args, env=None, cwd=ROOT, timeout=600, check=False):
+  """`python -m MODULE ARGS...` (args str()-ed) in `env` (default `subprocess_env()`).
+
+  With check=True, asserts exit status 0 and shows the end of stderr otherwise.
+  """
+  proc = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=cwd,
+                        env=subprocess_env() if env is None else env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(name='repo_root', scope='session')
+def repo_root_fixture():
+  """The repository root (absolute path)."""
+  return ROOT
+
+
+@pytest.fixture(name='subprocess_env', scope='session')
+def subprocess_env_fixture():
+  """The function `subprocess_env`: subprocess_env(num_devices=8) for an 8-device child."""
+  return subprocess_env
+
+
+@pytest.fixture(name='run_cli', scope='session')
+def run_cli_fixture():
+  """The function `run_cli`: run_cli('segvit_jax.predict', '--help')."""
+  return run_cli

@@ -7,7 +7,6 @@ the dry-run tests put only the stubs on PATH (so the scripts may use nothing but
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -18,7 +17,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 BASH = shutil.which('bash')
 TPU = os.path.join(ROOT, 'launch', 'tpu_vm.sh')
 SLURM = os.path.join(ROOT, 'launch', 'gpu_slurm.sh')
@@ -124,11 +124,6 @@ def _wait_for(predicate, seconds=10.0):
   return True
 
 
-def pinned_jax_version():
-  with open(os.path.join(ROOT, 'requirements.txt'), encoding='utf-8') as f:
-    return re.search(r'^jax==(\S+)$', f.read(), re.M).group(1)
-
-
 # ----------------------------------------------------------------------------------- TPU VM
 
 
@@ -164,11 +159,11 @@ def test_tpu_create_unknown_accelerator_needs_runtime_version(env):
   assert '--runtime_version' in result.stderr and 'v99-8' in result.stderr
 
 
-def test_tpu_setup_copies_code_and_installs_pinned_jax(env):
+def test_tpu_setup_copies_code_and_installs_pinned_requirements(env):
   tar, scp, ssh = dry_run(env, TPU, 'setup', *LOCATION)
   archive = os.path.join(str(env.tmp), 'segvit_jax_code_segvit-pod.tar.gz')
   assert tar[:5] == ['tar', '-czf', archive, '-C', ROOT]
-  assert tar[-3:] == ['segvit_jax', 'configs', 'requirements.txt']
+  assert tar[-4:] == ['segvit_jax', 'configs', 'requirements.txt', 'requirements-tpu.txt']
   assert scp == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', archive,
                  'segvit-pod:segvit_jax_code.tar.gz', *GCLOUD_LOCATION, '--worker=all']
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'segvit-pod']
@@ -176,8 +171,29 @@ def test_tpu_setup_copies_code_and_installs_pinned_jax(env):
   remote = ' '.join(remote_command(ssh))
   assert 'tar -xzf segvit_jax_code.tar.gz -C segvit_jax' in remote
   assert 'python3.11 -m venv .venv' in remote
-  jax_version = pinned_jax_version()
-  assert f'.venv/bin/pip install -q jax[tpu]=={jax_version} -r requirements.txt' in remote
+  # jax, jaxlib from requirements.txt; libtpu (jax's [tpu] extra) from requirements-tpu.txt.
+  assert '.venv/bin/pip install -q -r requirements.txt -r requirements-tpu.txt' in remote
+  assert 'jax[tpu]' not in remote
+
+
+def test_tpu_setup_puts_pretrained_backbones_on_every_worker(env):
+  local = env.tmp / 'L_16-i21k.npz'
+  local.write_bytes(b'weights')
+  tar, scp, ssh, scp_local = dry_run(env, TPU, 'setup', *LOCATION, f'--pretrained={local}',
+                                     '--pretrained', 'gs://bucket/vit/B_16 i21k.npz')
+  assert tar[0] == 'tar' and scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
+  # The local file goes from here to every worker, after setup made the folder ...
+  assert scp_local == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', str(local),
+                       'segvit-pod:segvit_jax/pretrained/L_16-i21k.npz', *GCLOUD_LOCATION,
+                       '--worker=all']
+  remote = remote_command(ssh)
+  assert remote[:3] == ['mkdir', '-p', 'segvit_jax/pretrained']
+  # ... the gs:// file is fetched by each worker, into the same folder (cwd: segvit_jax).
+  copy = remote.index('storage') - 1
+  assert remote[copy:copy + 5] == ['gcloud', 'storage', 'cp', 'gs://bucket/vit/B_16 i21k.npz',
+                                   'pretrained/B_16 i21k.npz']
+  result = env.run(TPU, 'setup', *LOCATION, f'--pretrained={local}', '--dry-run')
+  assert '--config.pretrained_backbone=pretrained/L_16-i21k.npz' in result.stderr
 
 
 def test_tpu_run_starts_main_on_all_workers_with_overrides(env):
@@ -202,8 +218,9 @@ def test_tpu_run_starts_main_on_all_workers_with_overrides(env):
 @pytest.mark.parametrize('command', ['setup', 'run', 'logs', 'stop'])
 def test_tpu_remote_scripts_are_valid_bash(env, command):
   """What setup/run/logs/stop send to the workers parses (bash -n: syntax only)."""
-  args = RUN_ARGS + ["--config.name=it's"] if command == 'run' else []
-  ssh = dry_run(env, TPU, command, *LOCATION, *args)[-1]
+  args = {'run': RUN_ARGS + ["--config.name=it's"],
+          'setup': ["--pretrained=gs://b/it's.npz"]}.get(command, [])
+  ssh = next(c for c in dry_run(env, TPU, command, *LOCATION, *args) if 'ssh' in c)
   result = subprocess.run([BASH, '-n', '-c', remote_script(ssh)], capture_output=True, text=True,
                           timeout=30, check=False)
   assert result.returncode == 0, result.stderr
@@ -296,6 +313,8 @@ def test_tpu_missing_required_flag(env, command, args, missing):
     (['create', *LOCATION, '--accelerator_type=v4-8', '--acelerator=x'],
      'unknown flag --acelerator'),
     (['setup', *LOCATION, '--config.batch_size=8'], 'only apply to'),
+    (['setup', *LOCATION, '--pretrained=no/such/file.npz'], '--pretrained=no/such/file.npz'),
+    (['run', *LOCATION, *RUN_ARGS, '--pretrained=gs://b/x.npz'], "only applies to 'setup'"),
     (['run', *LOCATION, '--config=configs/nope.py', '--workdir=gs://b/w'], 'configs/nope.py'),
     (['run', *LOCATION, f'--config={ROOT}/configs/synthetic.py', '--workdir=gs://b/w'],
      'relative to the repository'),
@@ -310,9 +329,11 @@ def test_tpu_bad_command_lines(env, args, message):
 
 def test_tpu_real_run_executes_exactly_the_printed_commands(env):
   """Without --dry-run (stubbed gcloud/tar), each step runs the commands --dry-run prints."""
+  pretrained = env.tmp / 'vit.npz'
+  pretrained.write_bytes(b'weights')
   steps = [
       ['create', *LOCATION, '--accelerator_type=v4-32', '--poll_seconds=1'],
-      ['setup', *LOCATION],
+      ['setup', *LOCATION, f'--pretrained={pretrained}'],
       ['run', *LOCATION, *RUN_ARGS, "--config.name=a 'b'"],
       ['logs', *LOCATION],
       ['stop', *LOCATION],

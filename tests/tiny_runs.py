@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Dotted config overrides on top of configs/synthetic.py.
 TINY = {
@@ -32,13 +32,9 @@ TINY = {
 
 
 def env(num_devices=1):
-  """Subprocess environment: this process's (tests/conftest.py) with `num_devices` devices."""
-  env = dict(os.environ)
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
-  env['XLA_FLAGS'] = ' '.join(flags)
-  return env
+  """Subprocess environment: this process's set-up with `num_devices` devices."""
+  from conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  return subprocess_env(num_devices)
 
 
 def tiny_config(**overrides):

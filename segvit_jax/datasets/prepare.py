@@ -89,5 +89,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run():
+  """The `segvit-prepare` console script."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,238 @@
+"""The installable package: `pip install --no-deps --target DIR .` installs every file, with the
+pinned dependencies and extras of the requirements files, and from another directory, with only
+DIR on the path, the package imports, its configs ship, and its commands train and predict.
+
+The package is installed once per module (without build isolation: the venv's setuptools, no
+registry needed); every command runs in an empty directory with PYTHONPATH=DIR.
+"""
+
+import ast
+import configparser
+import email.parser
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from packaging.requirements import Requirement
+from PIL import Image
+import pytest
+
+from conftest import ROOT
+
+# What the build reads: pyproject.toml, the README (long description), the requirements files
+# (dependencies and extras) and the two source folders.
+_BUILD_FILES = re.compile(r'pyproject\.toml|README\.md|requirements.*\.txt')
+_BUILD_DIRS = ('segvit_jax', 'configs')
+_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc')
+
+# A 1-step run of configs/synthetic.py with a tiny model: enough for a checkpoint to predict with.
+_TINY_RUN = {
+    'batch_size': 2, 'num_train_steps': 1, 'log_every_steps': 1, 'eval_every_steps': 0,
+    'checkpoint_every_steps': 1, 'num_prediction_images': 0,
+    'model.img_size': '(32,32)', 'model.patch_size': 8, 'model.embed_dim': 16, 'model.depth': 2,
+    'model.num_heads': 2, 'model.out_indices': '(0,1)', 'model.use_stages': 2,
+    'model.decoder_dim': 16, 'model.decoder_heads': 2, 'model.decoder_layers': 1,
+    'model.num_classes': 3, 'dataset.num_classes': 3, 'dataset.synthetic_image_size': 32,
+    'dataset.synthetic_num_train': 4, 'dataset.synthetic_num_val': 2,
+    'dataset.crop_size': '(32,32)', 'dataset.img_scale': '(64,32)',
+    'dataset.test_img_scale': '(32,32)', 'dataset.eval_pad_size': '(32,32)',
+    'dataset.eval_label_pad_size': '(32,32)', 'dataset.shuffle_buffer': 4,
+    'eval.mode': 'whole', 'eval.batch_size': 2, 'eval.crop_size': '(32,32)',
+}
+
+
+class Installed:
+  """The installed copy: `site` (the --target folder), `bin`, and `run` for commands."""
+
+  def __init__(self, site, elsewhere, env):
+    self.site, self.elsewhere, self.env = str(site), str(elsewhere), env
+    self.bin = os.path.join(self.site, 'bin')
+    [self.dist_info] = [os.path.join(self.site, d) for d in os.listdir(self.site)
+                        if d.startswith('segvit_jax-') and d.endswith('.dist-info')]
+
+  def run(self, *cmd, timeout=300):
+    """`cmd` in the empty directory, with only the installed copy on PYTHONPATH."""
+    return subprocess.run([str(c) for c in cmd], cwd=self.elsewhere, env=self.env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+  def console_scripts(self):
+    """{script name: 'module:function'} from the installed entry points."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(self.dist_info, 'entry_points.txt'))
+    return dict(parser['console_scripts'])
+
+
+@pytest.fixture(name='installed', scope='module')
+def installed_fixture(tmp_path_factory, repo_root, subprocess_env):
+  tmp = tmp_path_factory.mktemp('package')
+  # A copy of the build inputs: setuptools writes build/ and *.egg-info next to its sources.
+  src = tmp / 'src'
+  src.mkdir()
+  for name in os.listdir(repo_root):
+    if _BUILD_FILES.fullmatch(name):
+      shutil.copy(os.path.join(repo_root, name), src / name)
+  for name in _BUILD_DIRS:
+    shutil.copytree(os.path.join(repo_root, name), src / name, ignore=_IGNORE)
+  site = tmp / 'site'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+       '--target', str(site), str(src)], cwd=tmp, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  elsewhere = tmp / 'elsewhere'
+  elsewhere.mkdir()
+  return Installed(site, elsewhere, subprocess_env(pythonpath=[str(site)]))
+
+
+def _files(top, skip=()):
+  out = set()
+  for folder, dirs, names in os.walk(top):
+    dirs[:] = [d for d in dirs if d != '__pycache__' and
+               os.path.relpath(os.path.join(folder, d), top) not in skip]
+    out |= {os.path.relpath(os.path.join(folder, n), top) for n in names
+            if not n.endswith('.pyc')}
+  return out
+
+
+def _requirements(path):
+  with open(path, encoding='utf-8') as f:
+    return [line.strip() for line in f if line.strip() and not line.lstrip().startswith('#')]
+
+
+def test_every_file_of_the_package_and_the_configs_is_installed(installed, repo_root):
+  package = os.path.join(installed.site, 'segvit_jax')
+  assert _files(package, skip=('configs',)) == _files(os.path.join(repo_root, 'segvit_jax'))
+  assert _files(os.path.join(package, 'configs')) == _files(os.path.join(repo_root, 'configs'))
+  assert 'ade20k_large.py' in os.listdir(os.path.join(package, 'configs'))
+
+
+def test_metadata_pins_what_the_requirements_files_pin(installed, repo_root):
+  with open(os.path.join(installed.dist_info, 'METADATA'), encoding='utf-8') as f:
+    requires = email.parser.Parser().parse(f).get_all('Requires-Dist')
+  by_extra = {}
+  for line in requires:
+    requirement, _, marker = line.partition(';')
+    extra = re.fullmatch(r'\s*extra == "(\w+)"\s*', marker) if marker else None
+    by_extra.setdefault(extra.group(1) if extra else None, []).append(requirement.strip())
+  files = {None: ['requirements.txt'], 'torch': ['requirements-torch.txt'],
+           'convert': ['requirements-torch.txt'], 'tpu': ['requirements-tpu.txt'],
+           'test': ['requirements-test.txt', 'requirements-torch.txt']}
+  assert set(by_extra) == set(files)
+  for extra, names in files.items():
+    pinned = [r for name in names for r in _requirements(os.path.join(repo_root, name))]
+    assert by_extra[extra] == pinned, extra
+    assert all(re.search(r'==', r) for r in pinned), pinned  # pins, not ranges
+
+
+def test_libtpu_pin_is_one_the_pinned_jax_accepts(repo_root):
+  """requirements-tpu.txt pins a libtpu that `jax[tpu]` of the installed (pinned) jax allows."""
+  [tpu_extra] = [Requirement(r) for r in importlib.metadata.requires('jax')
+                 if r.startswith('libtpu') and 'extra == "tpu"' in r]
+  [pin] = [Requirement(r) for r in _requirements(os.path.join(repo_root, 'requirements-tpu.txt'))]
+  [(operator, version)] = [(s.operator, s.version) for s in pin.specifier]
+  assert (pin.name, operator) == ('libtpu', '==')
+  assert tpu_extra.specifier.contains(version), (str(pin), str(tpu_extra))
+
+
+def test_package_imports_from_another_directory(installed):
+  """Every module imports from the installed copy (the command-line modules, which define absl
+  flags on import, run as programs in the other tests)."""
+  script = '''
+import importlib, json, pkgutil, sys
+import segvit_jax
+cli = set(sys.argv[1:])
+names = [m.name for m in pkgutil.walk_packages(segvit_jax.__path__, 'segvit_jax.')
+         if not m.name.endswith('.__main__') and m.name not in cli]
+files = [importlib.import_module(n).__file__ for n in names]
+from segvit_jax.configs import synthetic
+print(json.dumps({'names': names, 'files': files + [segvit_jax.__file__],
+                  'num_classes': synthetic.get_config().model.num_classes}))
+'''
+  cli = [target.split(':')[0] for target in installed.console_scripts().values()]
+  proc = installed.run(sys.executable, '-c', script, *cli)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  assert {'segvit_jax.train', 'segvit_jax.models.vit', 'segvit_jax.datasets.ade20k',
+          'segvit_jax.configs.ade20k_large'} <= set(result['names'])
+  assert all(f.startswith(installed.site + os.sep) for f in result['files'])
+  assert result['num_classes'] == 5
+
+
+def test_console_scripts_name_run_functions_and_are_documented(installed, repo_root):
+  scripts = installed.console_scripts()
+  with open(os.path.join(repo_root, 'README.md'), encoding='utf-8') as f:
+    readme = f.read()
+  assert 'segvit-train' in scripts and 'segvit-predict' in scripts
+  for name, target in scripts.items():
+    module, function = target.split(':')
+    path = os.path.join(installed.site, *module.split('.')) + '.py'
+    assert os.path.isfile(path), f'{name} = {target}: no {path}'
+    with open(path, encoding='utf-8') as f:
+      defined = {n.name for n in ast.parse(f.read()).body if isinstance(n, ast.FunctionDef)}
+    assert function in defined, f'{name} = {target}: {module} defines no {function}()'
+    assert os.access(os.path.join(installed.bin, name), os.X_OK), name
+    assert name in readme, f'README.md does not mention {name}'
+
+
+def test_predict_help_from_another_directory(installed, run_cli):
+  proc = run_cli('segvit_jax.predict', '--help', env=installed.env, cwd=installed.elsewhere)
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert '--checkpoint' in proc.stdout and '--output' in proc.stdout
+
+
+def test_installed_commands_train_and_predict(installed, run_cli):
+  """The user's way after pip: the shipped configs, segvit-train, segvit-predict."""
+  proc = run_cli('segvit_jax.configs', env=installed.env, cwd=installed.elsewhere)
+  configs = proc.stdout.strip()
+  assert configs == os.path.join(installed.site, 'segvit_jax', 'configs'), proc.stderr
+
+  workdir = os.path.join(installed.elsewhere, 'run')
+  overrides = [f'--config.{k}={v}' for k, v in _TINY_RUN.items()]
+  proc = installed.run(os.path.join(installed.bin, 'segvit-train'),
+                       f'--config={configs}/synthetic.py', f'--workdir={workdir}', *overrides,
+                       timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.listdir(os.path.join(workdir, 'checkpoints'))
+
+  images = os.path.join(installed.elsewhere, 'images')
+  os.mkdir(images)
+  rng = np.random.default_rng(0)
+  sizes = {'a.jpg': (40, 56), 'b.png': (40, 56)}  # one shape: one compilation
+  for name, size in sizes.items():
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+        os.path.join(images, name))
+  out = os.path.join(installed.elsewhere, 'out')
+  proc = installed.run(os.path.join(installed.bin, 'segvit-predict'), f'--checkpoint={workdir}',
+                       images, f'--output={out}', '--noprogress')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Segmented 2 images' in proc.stdout
+  for name, size in sizes.items():
+    labels = np.asarray(Image.open(os.path.join(out, 'labels', name[:-4] + '.png')))
+    assert labels.shape == size and labels.max() < 3
+
+
+def _paper_configs(root):
+  folder = os.path.join(root, 'configs')
+  return sorted(n[:-3] for n in os.listdir(folder)
+                if n.endswith('.py') and not n.startswith('_') and n != 'synthetic.py')
+
+
+@pytest.mark.parametrize('name', _paper_configs(ROOT))
+def test_paper_config_command_starts_from_the_matching_imagenet_vit(name, repo_root):
+  """Each paper config's docstring command loads the AugReg ViT of its backbone's size (without
+  it the ViT trains from scratch), and says where to download that file."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_root, 'configs',
+                                                                   name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  width = {768: 'B_16', 1024: 'L_16'}[module.get_config().model.embed_dim]
+  [pretrained] = re.findall(r'--config\.pretrained_backbone=(\S+)', module.__doc__)
+  assert pretrained.startswith(width + '-i21k-') and pretrained.endswith('-res_384.npz')
+  assert f'https://storage.googleapis.com/vit_models/augreg/{pretrained}' in module.__doc__
+  assert f'--config=configs/{name}.py' in module.__doc__
