@@ -24,6 +24,7 @@ from PIL import Image
 import pytest
 
 from conftest import ROOT
+import tiny_runs
 
 # What the build reads: pyproject.toml, the README (long description), the requirements files
 # (dependencies and extras) and the two source folders.
@@ -31,20 +32,6 @@ _BUILD_FILES = re.compile(r'pyproject\.toml|README\.md|requirements.*\.txt')
 _BUILD_DIRS = ('segvit_jax', 'configs')
 _IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc')
 
-# A 1-step run of configs/synthetic.py with a tiny model: enough for a checkpoint to predict with.
-_TINY_RUN = {
-    'batch_size': 2, 'num_train_steps': 1, 'log_every_steps': 1, 'eval_every_steps': 0,
-    'checkpoint_every_steps': 1, 'num_prediction_images': 0,
-    'model.img_size': '(32,32)', 'model.patch_size': 8, 'model.embed_dim': 16, 'model.depth': 2,
-    'model.num_heads': 2, 'model.out_indices': '(0,1)', 'model.use_stages': 2,
-    'model.decoder_dim': 16, 'model.decoder_heads': 2, 'model.decoder_layers': 1,
-    'model.num_classes': 3, 'dataset.num_classes': 3, 'dataset.synthetic_image_size': 32,
-    'dataset.synthetic_num_train': 4, 'dataset.synthetic_num_val': 2,
-    'dataset.crop_size': '(32,32)', 'dataset.img_scale': '(64,32)',
-    'dataset.test_img_scale': '(32,32)', 'dataset.eval_pad_size': '(32,32)',
-    'dataset.eval_label_pad_size': '(32,32)', 'dataset.shuffle_buffer': 4,
-    'eval.mode': 'whole', 'eval.batch_size': 2, 'eval.crop_size': '(32,32)',
-}
 
 
 class Installed:
@@ -193,7 +180,9 @@ def test_installed_commands_train_and_predict(installed, run_cli):
   assert configs == os.path.join(installed.site, 'segvit_jax', 'configs'), proc.stderr
 
   workdir = os.path.join(installed.elsewhere, 'run')
-  overrides = [f'--config.{k}={v}' for k, v in _TINY_RUN.items()]
+  # A 1-step run of the tiny model: enough for a checkpoint to predict with.
+  overrides = [tiny_runs.flag(k, v) for k, v in {**tiny_runs.TINY, 'num_train_steps': 1,
+                                                 'checkpoint_every_steps': 1}.items()]
   proc = installed.run(os.path.join(installed.bin, 'segvit-train'),
                        f'--config={configs}/synthetic.py', f'--workdir={workdir}', *overrides,
                        timeout=600)
