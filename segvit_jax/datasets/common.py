@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-IGNORE_LABEL = 255
+from segvit_jax import mmseg_rules
+
 
 
 class DatasetError(ValueError):
@@ -193,23 +194,22 @@ def missing_source_error(name: str, manual_dir: str, instructions: str) -> Datas
 
 
 def check_image(data: bytes, name: str) -> tuple[int, int]:
-  """Fully decodes an encoded image and returns its (height, width).
+  """Fully decodes an encoded image as training will (`mmseg_rules.decode_image`): its (h, w).
 
-  Decodes with PIL (load() reads every scanline, so truncation and corrupt entropy data
-  surface here) and accepts only modes that tf.io.decode_image turns into RGB.
+  The (h, w) is after the EXIF orientation, as OpenCV (and so mmseg) reads the image.
   """
   try:
     with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      mode, (w, h) = im.mode, im.size
       fmt = im.format
   except Exception as e:  # PIL raises many types for bad data.
     raise DatasetError(f'{name}: corrupt or unreadable image ({e}).') from e
   if fmt not in ('JPEG', 'PNG'):
     raise DatasetError(f'{name}: expected a JPEG or PNG image, got {fmt}.')
-  if mode not in ('RGB', 'L', 'CMYK', 'RGBA', 'LA', 'P'):
-    raise DatasetError(f'{name}: unsupported image mode {mode!r} (expected RGB).')
-  return h, w
+  try:
+    image = mmseg_rules.decode_image(data)
+  except Exception as e:  # truncation and corrupt entropy data surface here
+    raise DatasetError(f'{name}: corrupt or unreadable image ({e}).') from e
+  return image.shape[0], image.shape[1]
 
 
 def decode_png_label(data: bytes, name: str) -> np.ndarray:
@@ -258,8 +258,9 @@ def make_lut(mapping: dict[int, int], size: int, keep_ignore: bool = True) -> np
   lut = np.full((size,), -1, np.int32)
   for k, v in mapping.items():
     lut[k] = v
-  if keep_ignore and size > IGNORE_LABEL and lut[IGNORE_LABEL] == -1:
-    lut[IGNORE_LABEL] = IGNORE_LABEL
+  ignore = mmseg_rules.IGNORE_LABEL
+  if keep_ignore and size > ignore and lut[ignore] == -1:
+    lut[ignore] = ignore
   return lut
 
 
