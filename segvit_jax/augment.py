@@ -79,14 +79,14 @@ def decode_label(data) -> tf.Tensor:
 # Resize (mmseg Resize with ratio_range, keep_ratio=True; OpenCV's rules from `mmseg_rules`).
 
 
-def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]):
-  """mmseg `random_sample_ratio`: (int(img_scale[0] * r), int(img_scale[1] * r)), float64.
+def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]) -> tf.Tensor:
+  """mmseg `random_sample_ratio`: (int(img_scale[0] * r), int(img_scale[1] * r)), float64 (2,).
 
   `u` is a uniform [0, 1) draw; r = u * (max - min) + min.
   """
   lo, hi = float(ratio_range[0]), float(ratio_range[1])
   ratio = tf.cast(u, tf.float64) * (hi - lo) + lo
-  return mmseg_rules.ratio_scale(img_scale, ratio, xp=tf)
+  return tf.stack(mmseg_rules.ratio_scale(img_scale, ratio, xp=tf))
 
 
 def resized_size(hw, scale, min_size: int = 0) -> tf.Tensor:
@@ -120,11 +120,12 @@ def resize_window_linear(image, new_hw, rows, cols) -> tf.Tensor:
   source = tf.transpose(image[r0:r1], [1, 0, 2])  # (W, r1 - r0, C)
   left = tf.cast(tf.gather(source, c_lo), tf.int32)
   right = tf.cast(tf.gather(source, c_hi), tf.int32)
-  sums = mmseg_rules.linear_columns(left, right, c_wlo[:, None, None], c_whi[:, None, None])
+  sums = mmseg_rules.linear_columns(left, right, c_wlo[:, None, None], c_whi[:, None, None],
+                                    xp=tf)
   sums = tf.transpose(sums, [1, 0, 2])  # (r1 - r0, cols, C)
   out = mmseg_rules.linear_rows(tf.gather(sums, r_lo - r0), tf.gather(sums, r_hi - r0),
-                                r_wlo[:, None, None], r_whi[:, None, None])
-  return tf.cast(tf.minimum(out, 255), tf.float32)
+                                r_wlo[:, None, None], r_whi[:, None, None], xp=tf)
+  return tf.cast(out, tf.float32)
 
 
 def resize_window_nearest(label, new_hw, rows, cols) -> tf.Tensor:

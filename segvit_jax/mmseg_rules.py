@@ -38,6 +38,11 @@ IGNORE_LABEL = 255  # mmseg's ignore_index: padding, "other" / unlabeled pixels
 _COEF_SCALE = 2048
 
 
+def _shift_right(x, bits: int, xp):
+  bitwise = getattr(xp, 'bitwise', None)  # tensorflow spells it tf.bitwise.right_shift
+  return (bitwise.right_shift if bitwise is not None else xp.right_shift)(x, bits)
+
+
 def _cast(x, dtype, xp):
   if xp is np:
     return np.asarray(x, dtype)
@@ -59,15 +64,18 @@ def _cmyk_to_rgb(image: Image.Image) -> np.ndarray:
   return np.stack(rgb, axis=-1).astype(np.uint8)
 
 
-def image_to_rgb(image: Image.Image) -> np.ndarray:
+def image_to_rgb(image: Image.Image, in_place: bool = False) -> np.ndarray:
   """(H, W, 3) uint8 RGB of a Pillow image, as `cv2.imdecode(IMREAD_COLOR)` would decode its file.
 
-  Applies the EXIF orientation, drops alpha, expands grey / palette images and keeps the high
-  byte of 16-bit samples (Pillow already does so for 16-bit RGB(A) PNGs; 16-bit grey needs it
-  here: Pillow's `convert('RGB')` would clip it to white).
+  Applies the EXIF orientation (to `image` itself if `in_place`), drops alpha, expands grey /
+  palette images and keeps the high byte of 16-bit samples (Pillow already does so for 16-bit
+  RGB(A) PNGs; 16-bit grey needs it here: Pillow's `convert('RGB')` would clip it to white).
   """
   fmt = image.format  # a transposed copy no longer knows it
-  image = ImageOps.exif_transpose(image)
+  if in_place:
+    ImageOps.exif_transpose(image, in_place=True)
+  else:
+    image = ImageOps.exif_transpose(image)
   mode = image.mode
   if mode == 'RGB':
     arr = np.asarray(image)
@@ -93,7 +101,7 @@ def decode_image(data: bytes) -> np.ndarray:
   """
   with Image.open(io.BytesIO(bytes(data))) as image:
     image.load()  # decodes now: truncated or corrupt data fails here
-    return image_to_rgb(image)
+    return image_to_rgb(image, in_place=True)
 
 
 def decode_label(data: bytes) -> np.ndarray:
@@ -199,24 +207,27 @@ def linear_taps(dst, in_size, out_size, *, horizontal: bool, xp=np):
   return lo, hi, w_lo, w_hi
 
 
-def linear_columns(left, right, w_left, w_right):
-  """OpenCV's horizontal pass: int32 sums left * w_left + right * w_right (in 1/2048 units).
+def linear_columns(left, right, w_left, w_right, xp=np):
+  """OpenCV's horizontal pass, as the vertical pass reads it: (left * w_left + right * w_right) >> 4.
 
-  `left` / `right`: int32 source pixels at the (lo, hi) column taps; weights broadcast to them.
+  `left` / `right`: int32 source pixels at the (lo, hi) column taps; int32 weights broadcast to
+  them. OpenCV keeps the sum (in 1/2048 units) and shifts it right by 4 in the vertical pass;
+  shifting here, before the rows are gathered, is the same and cheaper.
   """
-  return left * w_left + right * w_right
+  return _shift_right(left * w_left + right * w_right, 4, xp)
 
 
-def linear_rows(top, bottom, w_top, w_bottom):
+def linear_rows(top, bottom, w_top, w_bottom, xp=np):
   """OpenCV's vertical pass of uint8 INTER_LINEAR: int32 pixel values in [0, 255].
 
-  top / bottom: `linear_columns` sums of the (lo, hi) row taps. OpenCV (VResizeLinear for
-  uchar, SIMD and scalar alike) shifts each sum right by 4, multiplies by its 11-bit weight,
-  keeps the high 16 bits and rounds the total by 2 bits: not the exactly rounded bilinear value.
-  Non-negative operands, so floor division is the shift.
+  top / bottom: `linear_columns` of the (lo, hi) row taps. OpenCV (VResizeLinear for uchar, SIMD
+  and scalar alike) multiplies each by its 11-bit weight, keeps the high 16 bits and rounds the
+  total by 2 bits: ((w0 * t) >> 16 + (w1 * b) >> 16 + 2) >> 2, not the exactly rounded value.
+  No clipping is needed: with pixels <= 255 and weight pairs summing to at most 2049 (each
+  weight is rounded on its own), the total is at most 1020.
   """
-  total = (w_top * (top // 16)) // 65536 + (w_bottom * (bottom // 16)) // 65536
-  return (total + 2) // 4
+  total = _shift_right(w_top * top, 16, xp) + _shift_right(w_bottom * bottom, 16, xp)
+  return _shift_right(total + 2, 2, xp)
 
 
 def resize_linear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -239,7 +250,7 @@ def resize_linear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   top, bottom = sums[where[:out_h]], sums[where[out_h:]]
   out = linear_rows(top, bottom, r_wlo[(slice(None), None) + extra[1:]],
                     r_whi[(slice(None), None) + extra[1:]])
-  return np.minimum(out, 255).astype(np.uint8)
+  return out.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
