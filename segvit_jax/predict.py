@@ -6,7 +6,11 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
 latest step; the config comes from WORKDIR/config.json unless `--config` is given). INPUTs are
 image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
-.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp). For every image, OUTPUT gets
+.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
+reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
+the EXIF orientation applied, alpha dropped and 16-bit samples reduced to 8 bits; OpenCV's
+bilinear resize), so an image gets the labels evaluation would give it. For every image, OUTPUT
+gets
 
   labels/<name>.png     class indices at the image's own resolution (8-bit grey PNG when the model
                         has at most 256 classes, 16-bit otherwise); read back with
