@@ -94,10 +94,10 @@ def test_ade20k_build_counts_mapping_and_order(tmp_path, rng):
     assert e['label'].dtype == np.uint8
     np.testing.assert_array_equal(e['label'], expected)
   np.testing.assert_array_equal(val_out[0]['label'], expected[:, ::-1])
-  # Images are the shipped JPEG bytes, decoded in the graph.
+  # Images are the shipped JPEG bytes, decoded in the graph as OpenCV decodes them.
   by_name = {f'{n}.jpg': img for n, img, _ in train}
   for e in train_out:
-    ref = tf.io.decode_jpeg(layouts.jpeg_bytes(by_name[e['file_name'].decode()])).numpy()
+    ref = mmcv_reference.imdecode(layouts.jpeg_bytes(by_name[e['file_name'].decode()]))
     np.testing.assert_array_equal(e['image'], ref)
 
 
@@ -528,6 +528,17 @@ def test_tfds_and_mmseg_folder_sources_decode_as_opencv(tmp_path):
       np.testing.assert_array_equal(example['image'], mmcv_reference.imdecode(data),
                                     err_msg=f'{cfg.source} {stem}')
       np.testing.assert_array_equal(example['label'], _stripes([0, 1, 2], 48, 40))
+
+
+def test_exif_rotated_image_fails_the_build_naming_the_orientation(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  crop = np.ascontiguousarray(mmcv_reference.photo()[:48, :40])
+  rotated = mmcv_reference.with_orientation(Image.fromarray(crop), 'JPEG', 6)
+  examples = [('ADE_train_00000001', rotated, _stripes([1, 2], 48, 40))]
+  (tmp_path / 'manual').mkdir()
+  layouts.ade20k_zip(str(tmp_path / 'manual'), examples, examples)
+  with pytest.raises(common.DatasetError, match=r'00000001\.jpg: image is 40x48 .*EXIF orientation'):
+    _build('ade20k', tmp_path / 'manual', tmp_path / 'data')
 
 
 def test_mmseg_folder_reads_palette_labels_as_indices(tmp_path, rng):

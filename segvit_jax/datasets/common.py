@@ -212,6 +212,15 @@ def check_image(data: bytes, name: str) -> tuple[int, int]:
   return image.shape[0], image.shape[1]
 
 
+def exif_swaps_sides(data: bytes) -> bool:
+  """True when the image's EXIF orientation (5..8) swaps its height and width when decoded."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def decode_png_label(data: bytes, name: str) -> np.ndarray:
   """Decodes a single-channel PNG label map to a 2-D integer array (raw values)."""
   try:
@@ -294,11 +303,16 @@ def _ranges(values: Iterable[int]) -> str:
 
 
 def check_same_size(image_hw: tuple[int, int], label: np.ndarray, image_name: str,
-                    label_name: str) -> None:
+                    label_name: str, rotated: bool = False) -> None:
+  """Image (as decoded) and label sizes agree; `rotated`: the image's EXIF orientation swaps
+  its sides (`exif_swaps_sides`), named in the message as the likely cause."""
   if tuple(image_hw) != tuple(label.shape):
+    why = (" The image's EXIF orientation rotates it (OpenCV, and so mmseg, applies it; the "
+           'label is not rotated): store the image upright, without the orientation tag.'
+           if rotated else '')
     raise DatasetError(
         f'{image_name}: image is {image_hw[0]}x{image_hw[1]} (HxW) but its label '
-        f'{label_name} is {label.shape[0]}x{label.shape[1]}.')
+        f'{label_name} is {label.shape[0]}x{label.shape[1]}.{why}')
 
 
 def encode_png(label: np.ndarray) -> bytes:
@@ -384,5 +398,5 @@ def make_example(image_bytes: bytes, image_name: str, raw_label: np.ndarray,
   """
   hw = check_image(image_bytes, image_name)
   label = apply_lut(raw_label, lut, label_name)
-  check_same_size(hw, label, image_name, label_name)
+  check_same_size(hw, label, image_name, label_name, exif_swaps_sides(image_bytes))
   return {'image': image_bytes, 'label': encode_png(label), 'file_name': file_name}

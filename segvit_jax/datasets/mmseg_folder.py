@@ -206,10 +206,11 @@ def validate(folder: str, num_classes: int, reduce_zero: bool,
     for n, (im, lab) in enumerate(zip(pairs.images, pairs.labels)):
       _check_label_format(lab)
       with open(im, 'rb') as f:
-        hw = common.check_image(f.read(), im)
+        data = f.read()
+      hw = common.check_image(data, im)
       with open(lab, 'rb') as f:
         label = common.apply_lut(common.decode_png_label(f.read(), lab), lut, lab)
-      common.check_same_size(hw, label, im, lab)
+      common.check_same_size(hw, label, im, lab, common.exif_swaps_sides(data))
       if (n + 1) % 500 == 0:
         log(f'{split}: checked {n + 1}/{len(pairs.images)}')
     counts[split] = len(pairs.images)
