@@ -12,8 +12,9 @@ those of "resize the whole image, then crop, then flip".
 Decoding, resize arithmetic, normalisation and the ignore label are mmseg's rules from
 `segvit_jax.mmseg_rules` (the one definition, shared with evaluation and prediction), applied here
 to tensors:
-- Decoding: `decode_image` / `decode_label` run `mmseg_rules.decode_image` / `decode_label` (Pillow,
-  equal to OpenCV's IMREAD_COLOR) inside the graph with `tf.numpy_function`.
+- Decoding: `decode_image` / `decode_label` give `mmseg_rules.decode_image` / `decode_label`'s
+  pixels (OpenCV's IMREAD_COLOR): with TensorFlow's decoders where they are the same, through
+  `tf.numpy_function` where they are not (EXIF orientation, CMYK).
 - Image resize: cv2 INTER_LINEAR, bit for bit (OpenCV's fixed-point weights and integer passes).
 - Label resize: cv2 INTER_NEAREST, source index floor(dst * in / out) (top-left rule).
 
@@ -59,18 +60,75 @@ def example_uniforms(seed) -> tf.Tensor:
 # Decoding (mmseg LoadImageFromFile / LoadAnnotations).
 
 
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_EXIF_MARKERS = (b'Exif\x00\x00', b'eXIf')  # a JPEG APP1 segment / a PNG chunk
+
+
+def _is_jpeg(data):
+  return tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+
+
+def _is_png(data):
+  return tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+
+
+def _contains(data, marker: bytes):
+  return tf.size(tf.strings.split(data, sep=marker)) > 1
+
+
+def tf_decodes_as_opencv(data) -> tf.Tensor:
+  """Whether TensorFlow's own decoders give `mmseg_rules.decode_image`'s pixels for these bytes.
+
+  They do (checked in tests against OpenCV) for a JPEG with 1 or 3 components decoded with
+  dct_method='INTEGER_ACCURATE' (libjpeg's accurate integer IDCT, fancy upsampling, as OpenCV),
+  and for any PNG (grey / palette expanded, alpha dropped, 16 bits to the high byte, as OpenCV),
+  unless the file has an EXIF block, whose orientation OpenCV applies and TensorFlow does not.
+  Not for CMYK JPEGs (OpenCV's own conversion) or other formats.
+  """
+  is_jpeg, is_png = _is_jpeg(data), _is_png(data)
+  no_exif = tf.logical_not(tf.logical_or(*[_contains(data, m) for m in _EXIF_MARKERS]))
+  components_ok = tf.cond(is_jpeg, lambda: tf.not_equal(tf.io.extract_jpeg_shape(data)[2], 4),
+                          lambda: tf.constant(True))
+  return tf.logical_and(tf.logical_or(is_png, tf.logical_and(is_jpeg, components_ok)), no_exif)
+
+
 def decode_image(data) -> tf.Tensor:
-  """(H, W, 3) uint8 RGB of encoded image bytes (tf.string scalar): `mmseg_rules.decode_image`."""
-  image = tf.numpy_function(mmseg_rules.decode_image, [data], tf.uint8, stateful=False,
-                            name='decode_image')
+  """(H, W, 3) uint8 RGB of encoded image bytes (tf.string scalar): `mmseg_rules.decode_image`.
+
+  In the graph: TensorFlow's decoders where they give the same pixels (`tf_decodes_as_opencv`:
+  nearly every dataset file, at C++ speed and without the GIL), `mmseg_rules.decode_image`
+  through `tf.numpy_function` for the rest (EXIF-oriented and CMYK files, other formats).
+  """
+  def native():
+    return tf.cond(_is_jpeg(data),
+                   lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+                   lambda: tf.io.decode_png(data, channels=3, dtype=tf.uint8))
+
+  def rules():
+    return tf.numpy_function(mmseg_rules.decode_image, [data], tf.uint8, stateful=False)
+
+  image = tf.cond(tf_decodes_as_opencv(data), native, rules)
   image.set_shape([None, None, 3])
   return image
 
 
 def decode_label(data) -> tf.Tensor:
-  """(H, W) uint8 of an encoded label map (tf.string scalar): `mmseg_rules.decode_label`."""
-  label = tf.numpy_function(mmseg_rules.decode_label, [data], tf.uint8, stateful=False,
-                            name='decode_label')
+  """(H, W) uint8 of an encoded label map (tf.string scalar): `mmseg_rules.decode_label`.
+
+  8-bit grey PNGs (every label a TFDS build writes) decode natively; others (palette PNGs,
+  whose indices TensorFlow would turn into grey levels) through `mmseg_rules.decode_label`.
+  """
+  grey8 = tf.logical_and(_is_png(data),
+                         tf.equal(tf.strings.substr(data, 24, 2), b'\x08\x00'))  # IHDR
+
+  def native():
+    return tf.io.decode_png(data, channels=1)[..., 0]
+
+  def rules():
+    return tf.numpy_function(mmseg_rules.decode_label, [data], tf.uint8, stateful=False)
+
+  label = tf.cond(grey8, native, rules)
   label.set_shape([None, None])
   return label
 

@@ -94,12 +94,17 @@ def image_to_rgb(image: Image.Image, in_place: bool = False) -> np.ndarray:
   return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def _as_bytes(data) -> bytes:
+  # tf.numpy_function hands over a 0-d object array when run eagerly, bytes inside tf.data.
+  return data.item() if isinstance(data, np.ndarray) else bytes(data)
+
+
 def decode_image(data: bytes) -> np.ndarray:
   """(H, W, 3) uint8 RGB of encoded image bytes (JPEG, PNG, ...): mmseg's LoadImageFromFile.
 
   Raises OSError / ValueError with the reason for anything that is not a readable image.
   """
-  with Image.open(io.BytesIO(bytes(data))) as image:
+  with Image.open(io.BytesIO(_as_bytes(data))) as image:
     image.load()  # decodes now: truncated or corrupt data fails here
     return image_to_rgb(image, in_place=True)
 
@@ -110,7 +115,7 @@ def decode_label(data: bytes) -> np.ndarray:
   A palette PNG gives its indices, as in mmseg. Refused (ValueError): more than one channel and
   values above 255 (mmseg's `astype(np.uint8)` would wrap them silently).
   """
-  with Image.open(io.BytesIO(bytes(data))) as image:
+  with Image.open(io.BytesIO(_as_bytes(data))) as image:
     image.load()
     arr = np.asarray(image)
   if arr.ndim != 2:

@@ -154,6 +154,34 @@ def _blocky_label(rng, h, w, num_classes=6, block=8, ignore_frac=0.1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def test_decode_image_in_the_graph_equals_opencv():
+  decode = _graph(lambda d: (augment.decode_image(d), augment.tf_decodes_as_opencv(d)),
+                  tf.TensorSpec([], tf.string))
+  rng = np.random.default_rng(0)
+  for source in (mmcv_reference.photo()[100:160, 50:130], rng.integers(0, 256, (23, 31, 3))):
+    for name, data in mmcv_reference.image_variants(source.astype(np.uint8)).items():
+      image, native = decode(tf.constant(data))
+      np.testing.assert_array_equal(image, mmcv_reference.imdecode(data), err_msg=name)
+      # TensorFlow's own decoders serve every file but those they would get wrong.
+      assert bool(native) == ('exif' not in name and 'cmyk' not in name), name
+  with pytest.raises(tf.errors.OpError, match='cannot identify image'):
+    decode(tf.constant(b'not an image'))
+
+
+def test_decode_label_in_the_graph_keeps_indices():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  label = rng.integers(0, 256, (9, 14)).astype(np.uint8)
+  palette = Image.fromarray(label, 'P')
+  palette.putpalette([int(v) for v in rng.integers(0, 256, 768)])
+  for data in (mmcv_reference.encode(label, 'PNG'), mmcv_reference.encode(palette, 'PNG')):
+    np.testing.assert_array_equal(augment.decode_label(tf.constant(data)), label)
+
+
+# ---------------------------------------------------------------------------------------------
 # Resize target size.
 
 
