@@ -213,7 +213,7 @@ def linear_taps(dst, in_size, out_size, *, horizontal: bool, xp=np):
 
 
 def linear_columns(left, right, w_left, w_right, xp=np):
-  """OpenCV's horizontal pass, as the vertical pass reads it: (left * w_left + right * w_right) >> 4.
+  """OpenCV's horizontal pass as its vertical pass reads it: (left * w_left + right * w_right) >> 4.
 
   `left` / `right`: int32 source pixels at the (lo, hi) column taps; int32 weights broadcast to
   them. OpenCV keeps the sum (in 1/2048 units) and shifts it right by 4 in the vertical pass;

@@ -87,8 +87,9 @@ def encode(image, fmt: str, **params) -> bytes:
 
 def encode_png16(rgb16: np.ndarray) -> bytes:
   """A 16-bit PNG (grey (H, W), RGB or RGBA (H, W, 3|4), uint16) written by OpenCV."""
-  bgr = rgb16 if rgb16.ndim == 2 else np.ascontiguousarray(rgb16[..., [2, 1, 0, 3][:rgb16.shape[2]]])
-  ok, data = cv2.imencode('.png', bgr)
+  if rgb16.ndim == 3:
+    rgb16 = np.ascontiguousarray(rgb16[..., [2, 1, 0, 3][:rgb16.shape[2]]])  # OpenCV's BGR(A)
+  ok, data = cv2.imencode('.png', rgb16)
   assert ok
   return data.tobytes()
 

@@ -537,7 +537,8 @@ def test_exif_rotated_image_fails_the_build_naming_the_orientation(tmp_path):
   examples = [('ADE_train_00000001', rotated, _stripes([1, 2], 48, 40))]
   (tmp_path / 'manual').mkdir()
   layouts.ade20k_zip(str(tmp_path / 'manual'), examples, examples)
-  with pytest.raises(common.DatasetError, match=r'00000001\.jpg: image is 40x48 .*EXIF orientation'):
+  with pytest.raises(common.DatasetError,
+                     match=r'00000001\.jpg: image is 40x48 .*EXIF orientation'):
     _build('ade20k', tmp_path / 'manual', tmp_path / 'data')
 
 
