@@ -9,13 +9,14 @@ Here resize, crop and flip are fused into one gather: only the crop window of th
 ever computed, so the cost does not grow with the resize ratio. The sampled pixels are exactly
 those of "resize the whole image, then crop, then flip".
 
-Interpolation rules (mmcv `imresize` uses OpenCV):
-- Image: cv2 INTER_LINEAR, i.e. source coordinate (dst + 0.5) * in / out - 0.5, clamped at the
-  borders, two taps, no antialiasing when downsampling (the same rule as
-  `tf.image.resize(..., antialias=False)` and PyTorch's bilinear). OpenCV interpolates uint8 with
-  11-bit fixed-point weights and integer sums; we use the same quantised weights in float32 and
-  round half up, so a pixel can still differ from OpenCV's by 1 grey level in rare ties.
-- Label: cv2 INTER_NEAREST, source index floor(dst * in / out) (top-left rule, not half-pixel).
+Decoding, resize arithmetic, normalisation and the ignore label are mmseg's rules from
+`segvit_jax.mmseg_rules` (the one definition, shared with evaluation and prediction), applied here
+to tensors:
+- Decoding: `decode_image` / `decode_label` give `mmseg_rules.decode_image` / `decode_label`'s
+  pixels (OpenCV's IMREAD_COLOR): with TensorFlow's decoders where they are the same, through
+  `tf.numpy_function` where they are not (EXIF orientation, CMYK).
+- Image resize: cv2 INTER_LINEAR, bit for bit (OpenCV's fixed-point weights and integer passes).
+- Label resize: cv2 INTER_NEAREST, source index floor(dst * in / out) (top-left rule).
 
 PhotoMetricDistortion works on uint8 in mmseg: each step clips to [0, 255] and truncates. We keep
 float32 tensors holding integer values and floor after each step. Saturation and hue use
@@ -30,7 +31,7 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-IGNORE_INDEX = 255
+from segvit_jax import mmseg_rules
 
 # mmseg PhotoMetricDistortion defaults (every released SegViT config uses them).
 BRIGHTNESS_DELTA = 32
@@ -56,7 +57,84 @@ def example_uniforms(seed) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resize target size (mmseg Resize, keep_ratio=True; mmcv rescale_size).
+# Decoding (mmseg LoadImageFromFile / LoadAnnotations).
+
+
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_EXIF_MARKERS = (b'Exif\x00\x00', b'eXIf')  # a JPEG APP1 segment / a PNG chunk
+
+
+def _is_jpeg(data):
+  return tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+
+
+def _is_png(data):
+  return tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+
+
+def _contains(data, marker: bytes):
+  return tf.size(tf.strings.split(data, sep=marker)) > 1
+
+
+def tf_decodes_as_opencv(data) -> tf.Tensor:
+  """Whether TensorFlow's own decoders give `mmseg_rules.decode_image`'s pixels for these bytes.
+
+  They do (checked in tests against OpenCV) for a JPEG with 1 or 3 components decoded with
+  dct_method='INTEGER_ACCURATE' (libjpeg's accurate integer IDCT, fancy upsampling, as OpenCV),
+  and for any PNG (grey / palette expanded, alpha dropped, 16 bits to the high byte, as OpenCV),
+  unless the file has an EXIF block, whose orientation OpenCV applies and TensorFlow does not.
+  Not for CMYK JPEGs (OpenCV's own conversion) or other formats.
+  """
+  is_jpeg, is_png = _is_jpeg(data), _is_png(data)
+  no_exif = tf.logical_not(tf.logical_or(*[_contains(data, m) for m in _EXIF_MARKERS]))
+  components_ok = tf.cond(is_jpeg, lambda: tf.not_equal(tf.io.extract_jpeg_shape(data)[2], 4),
+                          lambda: tf.constant(True))
+  return tf.logical_and(tf.logical_or(is_png, tf.logical_and(is_jpeg, components_ok)), no_exif)
+
+
+def decode_image(data) -> tf.Tensor:
+  """(H, W, 3) uint8 RGB of encoded image bytes (tf.string scalar): `mmseg_rules.decode_image`.
+
+  In the graph: TensorFlow's decoders where they give the same pixels (`tf_decodes_as_opencv`:
+  nearly every dataset file, at C++ speed and without the GIL), `mmseg_rules.decode_image`
+  through `tf.numpy_function` for the rest (EXIF-oriented and CMYK files, other formats).
+  """
+  def native():
+    return tf.cond(_is_jpeg(data),
+                   lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+                   lambda: tf.io.decode_png(data, channels=3, dtype=tf.uint8))
+
+  def rules():
+    return tf.numpy_function(mmseg_rules.decode_image, [data], tf.uint8, stateful=False)
+
+  image = tf.cond(tf_decodes_as_opencv(data), native, rules)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def decode_label(data) -> tf.Tensor:
+  """(H, W) uint8 of an encoded label map (tf.string scalar): `mmseg_rules.decode_label`.
+
+  8-bit grey PNGs (every label a TFDS build writes) decode natively; others (palette PNGs,
+  whose indices TensorFlow would turn into grey levels) through `mmseg_rules.decode_label`.
+  """
+  grey8 = tf.logical_and(_is_png(data),
+                         tf.equal(tf.strings.substr(data, 24, 2), b'\x08\x00'))  # IHDR
+
+  def native():
+    return tf.io.decode_png(data, channels=1)[..., 0]
+
+  def rules():
+    return tf.numpy_function(mmseg_rules.decode_label, [data], tf.uint8, stateful=False)
+
+  label = tf.cond(grey8, native, rules)
+  label.set_shape([None, None])
+  return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize (mmseg Resize with ratio_range, keep_ratio=True; OpenCV's rules from `mmseg_rules`).
 
 
 def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]) -> tf.Tensor:
@@ -66,106 +144,53 @@ def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]) -> t
   """
   lo, hi = float(ratio_range[0]), float(ratio_range[1])
   ratio = tf.cast(u, tf.float64) * (hi - lo) + lo
-  scale = tf.constant([float(img_scale[0]), float(img_scale[1])], tf.float64) * ratio
-  return tf.floor(scale)  # int() of a positive float
+  return tf.stack(mmseg_rules.ratio_scale(img_scale, ratio, xp=tf))
 
 
-def rescale_size(hw, scale, min_size: int = 0) -> tf.Tensor:
-  """Resized (h, w) int32 of an image of size `hw` under mmseg Resize(keep_ratio=True).
-
-  Args:
-    hw: (2,) original (h, w).
-    scale: (2,) the (long, short) bounds (either order: mmcv takes max and min).
-    min_size: mmseg `Resize(min_size=...)`; > 0 makes the short side max(min(scale), min_size)
-      (the long side then follows the aspect ratio).
-
-  mmcv: factor = min(max(scale) / max(h, w), min(scale) / min(h, w)); new = int(x * factor + 0.5).
-  All arithmetic is float64 in the same order as mmcv / mmseg, so the sizes agree exactly.
-  """
-  hw = tf.cast(hw, tf.float64)
-  h, w = hw[0], hw[1]
-  scale = tf.cast(scale, tf.float64)
-  s0, s1 = scale[0], scale[1]
-  if min_size:
-    short = tf.minimum(s0, s1)
-    new_short = tf.where(short < float(min_size), tf.constant(float(min_size), tf.float64), short)
-    s0 = tf.where(h > w, new_short * h / w, new_short)
-    s1 = tf.where(h > w, new_short, new_short * w / h)
-  factor = tf.minimum(tf.maximum(s0, s1) / tf.maximum(h, w), tf.minimum(s0, s1) / tf.minimum(h, w))
-  new_h = tf.floor(h * factor + 0.5)
-  new_w = tf.floor(w * factor + 0.5)
-  return tf.cast(tf.stack([new_h, new_w]), tf.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenCV index rules, evaluated only at the output positions we need.
-
-
-def _inverse_scale(in_size, out_size) -> tf.Tensor:
-  # OpenCV: inv_scale = out / in (double); scale = 1 / inv_scale.
-  return 1.0 / (tf.cast(out_size, tf.float64) / tf.cast(in_size, tf.float64))
-
-
-def nearest_source_index(dst, in_size, out_size) -> tf.Tensor:
-  """cv2 INTER_NEAREST source index of output positions `dst`: min(floor(dst * in/out), in - 1)."""
-  src = tf.floor(tf.cast(dst, tf.float64) * _inverse_scale(in_size, out_size))
-  return tf.minimum(tf.cast(src, tf.int32), tf.cast(in_size, tf.int32) - 1)
-
-
-def linear_source_taps(dst, in_size, out_size):
-  """cv2 INTER_LINEAR taps of output positions `dst`: (lo, hi) int32 and the weight of hi.
-
-  Source coordinate (dst + 0.5) * in/out - 0.5; below 0 it snaps to pixel 0, at or past the last
-  pixel it snaps to the last one (weight 0 on the second tap), as OpenCV does. The weight is a
-  multiple of 1/2048, as OpenCV's fixed-point coefficients for uint8 images.
-  """
-  in_size = tf.cast(in_size, tf.int32)
-  src = (tf.cast(dst, tf.float64) + 0.5) * _inverse_scale(in_size, out_size) - 0.5
-  lo = tf.floor(src)
-  frac = src - lo
-  lo = tf.cast(lo, tf.int32)
-  snap = tf.logical_or(lo < 0, lo >= in_size - 1)
-  frac = tf.where(snap, tf.zeros_like(frac), frac)
-  # OpenCV's uint8 path uses 11-bit fixed-point weights (INTER_RESIZE_COEF_BITS): quantising the
-  # same way makes exact .5 ties (common with integer pixels) round as OpenCV rounds them.
-  frac = tf.round(frac * 2048.0) / 2048.0
-  lo = tf.clip_by_value(lo, 0, in_size - 1)
-  hi = tf.minimum(lo + 1, in_size - 1)
-  return lo, hi, tf.cast(frac, tf.float32)
+def resized_size(hw, scale, min_size: int = 0) -> tf.Tensor:
+  """(2,) int32 (h, w) of an image of size `hw` under mmseg Resize(keep_ratio=True, min_size)."""
+  return tf.stack(mmseg_rules.rescale_size((hw[0], hw[1]), scale, min_size, xp=tf))
 
 
 def resize_window_linear(image, new_hw, rows, cols) -> tf.Tensor:
-  """Pixels (rows x cols) of `image` bilinearly resized to `new_hw`, without the full resize.
+  """Pixels (rows x cols) of uint8 `image` resized to `new_hw` by cv2 INTER_LINEAR, bit for bit.
+
+  Only the window is computed, never the full resize (`mmseg_rules.resize_linear` is the
+  whole-image form of the same taps and passes).
 
   Args:
-    image: (H, W, C) any real dtype.
+    image: (H, W, C) uint8.
     new_hw: (2,) the resized (h, w).
     rows, cols: int vectors of output positions in the resized image (any order: a reversed
       `cols` gives a horizontally flipped window).
   Returns:
-    (len(rows), len(cols), C) float32, unrounded.
+    (len(rows), len(cols), C) float32 holding OpenCV's uint8 values.
   """
   in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
-  r_lo, r_hi, r_frac = linear_source_taps(rows, in_h, new_hw[0])
-  c_lo, c_hi, c_frac = linear_source_taps(cols, in_w, new_hw[1])
-  # Columns first, on the uint8 rows the window needs, transposed so that both passes gather
-  # whole rows along axis 0 (a middle-axis gather of 3-channel pixels is much slower in TF).
+  r_lo, r_hi, r_wlo, r_whi = mmseg_rules.linear_taps(rows, in_h, new_hw[0], horizontal=False,
+                                                     xp=tf)
+  c_lo, c_hi, c_wlo, c_whi = mmseg_rules.linear_taps(cols, in_w, new_hw[1], horizontal=True,
+                                                     xp=tf)
+  # Columns first, on the rows the window needs, transposed so that both passes gather whole
+  # rows along axis 0 (a middle-axis gather of 3-channel pixels is much slower in TF).
   r0 = tf.reduce_min(r_lo)
   r1 = tf.reduce_max(r_hi) + 1
   source = tf.transpose(image[r0:r1], [1, 0, 2])  # (W, r1 - r0, C)
-  left = tf.cast(tf.gather(source, c_lo), tf.float32)
-  right = tf.cast(tf.gather(source, c_hi), tf.float32)
-  x = tf.transpose(left + (right - left) * c_frac[:, None, None], [1, 0, 2])  # (r1 - r0, cols, C)
-  top = tf.gather(x, r_lo - r0)
-  bottom = tf.gather(x, r_hi - r0)
-  return top + (bottom - top) * r_frac[:, None, None]
+  left = tf.cast(tf.gather(source, c_lo), tf.int32)
+  right = tf.cast(tf.gather(source, c_hi), tf.int32)
+  sums = mmseg_rules.linear_columns(left, right, c_wlo[:, None, None], c_whi[:, None, None],
+                                    xp=tf)
+  sums = tf.transpose(sums, [1, 0, 2])  # (r1 - r0, cols, C)
+  out = mmseg_rules.linear_rows(tf.gather(sums, r_lo - r0), tf.gather(sums, r_hi - r0),
+                                r_wlo[:, None, None], r_whi[:, None, None], xp=tf)
+  return tf.cast(out, tf.float32)
 
 
 def resize_window_nearest(label, new_hw, rows, cols) -> tf.Tensor:
   """Pixels (rows x cols) of `label` (H, W) nearest-resized to `new_hw` (cv2 rule); dtype kept."""
   in_h, in_w = tf.shape(label)[0], tf.shape(label)[1]
-  r = nearest_source_index(rows, in_h, new_hw[0])
-  c = nearest_source_index(cols, in_w, new_hw[1])
+  r = mmseg_rules.nearest_source_index(rows, in_h, new_hw[0], xp=tf)
+  c = mmseg_rules.nearest_source_index(cols, in_w, new_hw[1], xp=tf)
   r0 = tf.reduce_min(r)
   source = tf.transpose(label[r0:tf.reduce_max(r) + 1])  # axis-0 gathers, as in the linear case
   return tf.gather(tf.transpose(tf.gather(source, c)), r - r0)
@@ -180,7 +205,7 @@ def round_pixels(x) -> tf.Tensor:
 # RandomCrop.
 
 
-def crop_accepted(label_crop, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX):
+def crop_accepted(label_crop, cat_max_ratio: float, ignore_index: int = mmseg_rules.IGNORE_LABEL):
   """mmseg RandomCrop check: > 1 class present (ignoring 255) and max count / total < ratio."""
   counts = tf.math.bincount(tf.cast(tf.reshape(label_crop, [-1]), tf.int32),
                             minlength=256, maxlength=256, dtype=tf.int64)
@@ -294,17 +319,7 @@ def photometric_distortion(image, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalize and Pad.
-
-
-def normalize(image, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """(x - mean) * (1 / std) per RGB channel of (h, w, 3), float32 (mmcv `imnormalize` order)."""
-  x = tf.cast(image, tf.float32)
-  if len(set(mean)) == 1 and len(set(std)) == 1:  # scalar ops: much faster than a (3,) broadcast
-    return (x - float(mean[0])) * float(1.0 / std[0])
-  mean = tf.constant(mean, tf.float32)
-  inv_std = tf.constant([1.0 / s for s in std], tf.float32)
-  return (x - mean) * inv_std
+# Pad.
 
 
 def pad_bottom_right(x, size: Sequence[int], value) -> tf.Tensor:
@@ -343,7 +358,7 @@ def train_transform(image, label, seed, *, crop_size: Sequence[int], img_scale: 
   tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(image)[:2], hw)),
                       ['train_transform: image and label sizes differ:', tf.shape(image), hw])
   scale = sample_scale(u[_RATIO], img_scale, ratio_range)
-  new_hw = rescale_size(hw, scale, min_size)
+  new_hw = resized_size(hw, scale, min_size)
   offsets = crop_offsets(tf.reshape(u[_CROP:], [CROP_TRIES + 1, 2]), new_hw, crop_size)
   y0x0, lab = choose_crop(label, new_hw, crop_size, offsets, cat_max_ratio)
   flip = u[_FLIP] < flip_prob
@@ -351,22 +366,20 @@ def train_transform(image, label, seed, *, crop_size: Sequence[int], img_scale: 
   cols = y0x0[1] + tf.range(tf.shape(lab)[1])
   cols = tf.where(flip, tf.reverse(cols, [0]), cols)  # the flipped crop, read directly
   lab = tf.cond(flip, lambda: tf.reverse(lab, [1]), lambda: lab)
-  # A convex combination of uint8 values: rounding needs no clipping.
-  img = tf.floor(resize_window_linear(image, new_hw, rows, cols) + 0.5)
+  img = resize_window_linear(image, new_hw, rows, cols)
   if photometric:
     img = photometric_distortion(img, photometric_params(u))
-  img = normalize(img, mean, std)
+  img = mmseg_rules.normalize(img, mean, std, xp=tf)
   return {
       'image': pad_bottom_right(img, crop_size, 0.0),
-      'label': pad_bottom_right(tf.cast(lab, tf.int32), crop_size, IGNORE_INDEX),
+      'label': pad_bottom_right(tf.cast(lab, tf.int32), crop_size, mmseg_rules.IGNORE_LABEL),
   }
 
 
 def eval_resize(image, scale: Sequence[int], min_size: int = 0):
   """mmseg test-time Resize(keep_ratio=True) of (H, W, 3) uint8.
 
-  Returns ((h', w', 3) float32 holding integers (the uint8 OpenCV result), (2,) int32 (h', w')).
+  Returns ((h', w', 3) float32 holding OpenCV's uint8 result, (2,) int32 (h', w')).
   """
-  new_hw = rescale_size(tf.shape(image)[:2], tf.constant(scale, tf.float64), min_size)
-  resized = resize_window_linear(image, new_hw, tf.range(new_hw[0]), tf.range(new_hw[1]))
-  return tf.floor(resized + 0.5), new_hw
+  new_hw = resized_size(tf.shape(image)[:2], tuple(float(s) for s in scale), min_size)
+  return resize_window_linear(image, new_hw, tf.range(new_hw[0]), tf.range(new_hw[1])), new_hw

@@ -30,7 +30,8 @@ Deviations from mmseg, all forced by static shapes or by what the batch carries:
 - `mode='whole'` runs the model on the padded bucket, not on the image at its own size.
 - Multi-scale TTA resizes the batch's scale-1 image (already resized by the test rule) to each
   scale's size in-graph; mmseg resizes the original image (cv2 bilinear) for each ratio. The
-  sizes themselves follow mmseg's rule (`rescale_size`; exact but for float64 .5 ties).
+  sizes themselves are mmseg's: the batch carries them ('scaled_size', computed with
+  `mmseg_rules.rescale_size` by the input pipeline or the predictor, in mmcv's float64).
 """
 
 import math
@@ -42,8 +43,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segvit_jax import metrics
+from segvit_jax import mmseg_rules
 
-IGNORE_LABEL = metrics.IGNORE_LABEL
 ScoreFn = Callable[[jnp.ndarray], jnp.ndarray]
 
 # TTA image buckets are rounded up to this (a multiple of the patch size, for `mode='whole'`).
@@ -128,38 +129,10 @@ def flip_valid(x: jnp.ndarray, widths: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(mask, gathered, jnp.zeros((), x.dtype))
 
 
-def rescale_size(orig_size: jnp.ndarray, img_scale: Tuple[int, int],
-                     min_size: int = 0) -> jnp.ndarray:
-  """mmseg's keep-ratio test resize (with SegViT's `min_size`) of (B, 2) (h, w) sizes, in-graph.
-
-  Without `min_size`: scale factor min(long_max / long, short_max / short); with `min_size` > 0
-  the short side becomes max(short_max, min_size) and the long side follows the aspect ratio,
-  whatever `long_max` says. Sides are int(side * factor + 0.5), in integer arithmetic: the exact
-  rounding. mmcv computes in float64, which can land one lower at exact .5 ties (e.g. 1247 x 172
-  with short side 910: 6597.5 -> 6597); those are rare and only move a TTA scale by a pixel.
-  """
-  long_max, short_max = max(img_scale), min(img_scale)
-  orig = jnp.maximum(jnp.asarray(orig_size, jnp.int32), 1)
-  h, w = orig[:, 0], orig[:, 1]
-  long_side, short_side = jnp.maximum(h, w), jnp.minimum(h, w)
-
-  def scaled(side, num, den):  # int(side * num / den + 0.5)
-    return (2 * side * num + den) // (2 * den)
-
-  if min_size > 0:
-    target = max(short_max, int(min_size))
-    new_h, new_w = scaled(h, target, short_side), scaled(w, target, short_side)
-  else:
-    by_long = long_max * short_side <= short_max * long_side  # long side is the binding bound
-    num = jnp.where(by_long, long_max, short_max)
-    den = jnp.where(by_long, long_side, short_side)
-    new_h, new_w = scaled(h, num, den), scaled(w, num, den)
-  return jnp.stack([new_h, new_w], axis=-1).astype(jnp.int32)
-
-
 def _ratio_scale(img_scale: Sequence[int], ratio: float) -> Tuple[int, int]:
-  # mmseg's MultiScaleFlipAug: int(side * ratio) for both entries of img_scale.
-  return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
+  """mmseg's MultiScaleFlipAug scale at `ratio` (`mmseg_rules.ratio_scale`), as Python ints."""
+  scale = mmseg_rules.ratio_scale(img_scale, ratio)
+  return int(scale[0]), int(scale[1])
 
 
 def _scaled_bucket(bucket: Tuple[int, int], img_scale: Sequence[int], ratio: float,
@@ -285,11 +258,13 @@ def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_conf
 
   Args:
     score_fn: images (N, H, W, 3) -> scores (N, H, W, K); the model's eval forward.
-    batch: the eval batch: 'image' (B, Hb, Wb, 3), 'image_size' (B, 2), 'label_size' (B, 2).
+    batch: the eval batch: 'image' (B, Hb, Wb, 3), 'image_size' (B, 2), 'label_size' (B, 2);
+      with multi-scale ratios other than 1, 'scaled_size' (B, len(eval_config.scales), 2), the
+      test-resized (h, w) at each ratio.
     eval_config: `config.eval` (mode, crop_size, stride, multi_scale, scales, flip).
     num_classes: K.
     test_img_scale, test_min_size: `config.dataset.test_img_scale` / `test_min_size`, the test
-      resize rule; needed for multi-scale ratios other than 1.
+      resize rule; needed for multi-scale ratios other than 1 (static buckets).
     output_shape: static (Hl, Wl) bucket of the result; default: batch['label'].shape[1:3].
   Returns:
     (B, Hl, Wl, K) float32 softmax probabilities, zero outside each image's label size.
@@ -306,10 +281,14 @@ def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_conf
     raise ValueError(f"config.eval.mode={mode!r}: expected 'slide' or 'whole'.")
   crop = tuple(int(s) for s in eval_config.crop_size)
   ratios, flips = augmentations(eval_config)
-  if any(r != 1.0 for r in ratios) and not test_img_scale:
-    raise ValueError('config.eval.multi_scale needs the test resize rule: pass '
-                     'test_img_scale=config.dataset.test_img_scale and '
-                     'test_min_size=config.dataset.test_min_size.')
+  if any(r != 1.0 for r in ratios):
+    if not test_img_scale:
+      raise ValueError('config.eval.multi_scale needs the test resize rule: pass '
+                       'test_img_scale=config.dataset.test_img_scale and '
+                       'test_min_size=config.dataset.test_min_size.')
+    if batch.get('scaled_size') is None or batch['scaled_size'].shape[1:] != (len(ratios), 2):
+      raise ValueError(f"config.eval.multi_scale: the batch needs 'scaled_size' (B, {len(ratios)}, "
+                       '2), the test-resized size at each of config.eval.scales.')
 
   def infer(x, size):
     if mode == 'whole':
@@ -318,13 +297,13 @@ def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_conf
                            stride=tuple(eval_config.stride), num_classes=num_classes)
 
   total = jnp.zeros((images.shape[0], *output_shape, num_classes), jnp.float32)
-  for ratio in ratios:
+  for index, ratio in enumerate(ratios):
     if ratio == 1.0:
       x, size = images, image_size
     else:
       bucket = _scaled_bucket(images.shape[1:3], test_img_scale, ratio, int(test_min_size),
                               crop if mode == 'slide' else (0, 0))
-      size = rescale_size(label_size, _ratio_scale(test_img_scale, ratio), int(test_min_size))
+      size = jnp.asarray(batch['scaled_size'], jnp.int32)[:, index]
       size = jnp.minimum(size, jnp.asarray(bucket, jnp.int32))
       x = resize_bilinear_dynamic(images, image_size, size, bucket).astype(images.dtype)
     for flip in flips:
@@ -357,7 +336,7 @@ def predict(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_config, nu
                         output_shape=output_shape)
   labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
   inside = _inside(jnp.asarray(batch['label_size'], jnp.int32), probs.shape[1:3])
-  return jnp.where(inside, labels, IGNORE_LABEL)
+  return jnp.where(inside, labels, mmseg_rules.IGNORE_LABEL)
 
 
 # --------------------------------------------------------------------------------------------

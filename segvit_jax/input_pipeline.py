@@ -16,7 +16,8 @@ the skip and the host's selection (`decode_example`), so the shuffle buffer hold
 
 Eval (`create_eval_dataset`): finite, host batches of config.eval.batch_size // process_count
   {'image': (b, Hb, Wb, 3) float32, test-resized, normalised, 0-padded to dataset.eval_pad_size;
-   'image_size': (b, 2) int32 resized (h, w); 'label': (b, Hl, Wl) int32 original resolution,
+   'image_size': (b, 2) int32 resized (h, w); 'scaled_size': (b, len(config.eval.scales), 2) int32
+   resized (h, w) at each test ratio; 'label': (b, Hl, Wl) int32 original resolution,
    255-padded to dataset.eval_label_pad_size; 'label_size': (b, 2) int32; 'valid': (b,) bool}.
 Every host yields the same number of batches; missing examples are padding with valid=False.
 
@@ -36,6 +37,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segvit_jax import augment
+from segvit_jax import mmseg_rules
 
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'validation'
@@ -75,13 +77,14 @@ def decode_example(example: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tens
 
   A source may also yield encoded bytes (tf.string: JPEG / PNG image, single-channel PNG label
   already in train ids): they are decoded here, after shuffling and skipping, which keeps the
-  shuffle buffer small and makes resuming cheap.
+  shuffle buffer small and makes resuming cheap, by mmseg's decoders (`augment.decode_image` /
+  `decode_label`: the pixels OpenCV's IMREAD_COLOR gives, as in prediction).
   """
   image, label = example['image'], example['label']
   if image.dtype == tf.string:
-    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    image = augment.decode_image(image)
   if label.dtype == tf.string:
-    label = tf.io.decode_png(label, channels=1)[..., 0]
+    label = augment.decode_label(label)
   return image, label
 
 
@@ -179,8 +182,13 @@ def eval_pad_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], 
 
 def eval_transform(example: Mapping[str, tf.Tensor], *, img_scale: Sequence[int], min_size: int,
                    mean: Sequence[float], std: Sequence[float], pad_size: Sequence[int],
-                   label_pad_size: Sequence[int]) -> dict[str, tf.Tensor]:
+                   label_pad_size: Sequence[int],
+                   scales: Sequence[float] = (1.0,)) -> dict[str, tf.Tensor]:
   """The test transform of one example, padded to the static buckets.
+
+  `scales` are the test-time ratios (`config.eval.scales`): 'scaled_size' holds the image's
+  test-resized (h, w) at each of them (mmseg's MultiScaleFlipAug + Resize, `mmseg_rules`'
+  float64 arithmetic), for multi-scale evaluation.
 
   Fails (tf.errors.InvalidArgumentError when iterated) naming the file and the config key when the
   resized image or the original label does not fit its bucket: never crops silently.
@@ -189,6 +197,9 @@ def eval_transform(example: Mapping[str, tf.Tensor], *, img_scale: Sequence[int]
   name = example['file_name']
   resized, new_hw = augment.eval_resize(image, img_scale, min_size)
   label_hw = tf.shape(label)[:2]
+  image_hw = tf.shape(image)[:2]
+  scaled = [augment.resized_size(image_hw, mmseg_rules.ratio_scale(img_scale, float(r)), min_size)
+            for r in scales]
   checks = [
       tf.debugging.Assert(
           tf.reduce_all(new_hw <= tf.constant(pad_size, tf.int32)),
@@ -200,22 +211,24 @@ def eval_transform(example: Mapping[str, tf.Tensor], *, img_scale: Sequence[int]
            'raise that bucket. File:', name, '(h, w):', label_hw]),
   ]
   with tf.control_dependencies(checks):
-    image = augment.normalize(resized, mean, std)
+    image = mmseg_rules.normalize(resized, mean, std, xp=tf)
     label = tf.cast(label, tf.int32)
   return {
       'image': augment.pad_bottom_right(image, pad_size, 0.0),
       'image_size': new_hw,
-      'label': augment.pad_bottom_right(label, label_pad_size, augment.IGNORE_INDEX),
+      'scaled_size': tf.reshape(tf.stack(scaled), [len(scales), 2]),
+      'label': augment.pad_bottom_right(label, label_pad_size, mmseg_rules.IGNORE_LABEL),
       'label_size': tf.cast(label_hw, tf.int32),
       'valid': tf.constant(True),
   }
 
 
-def _padding_example(pad_size, label_pad_size) -> dict[str, tf.Tensor]:
+def _padding_example(pad_size, label_pad_size, num_scales: int) -> dict[str, tf.Tensor]:
   return {
       'image': tf.zeros(list(pad_size) + [3], tf.float32),
       'image_size': tf.zeros([2], tf.int32),
-      'label': tf.fill(list(label_pad_size), tf.constant(augment.IGNORE_INDEX, tf.int32)),
+      'scaled_size': tf.zeros([num_scales, 2], tf.int32),
+      'label': tf.fill(list(label_pad_size), tf.constant(mmseg_rules.IGNORE_LABEL, tf.int32)),
       'label_size': tf.zeros([2], tf.int32),
       'valid': tf.constant(False),
   }
@@ -247,14 +260,15 @@ def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int
   mine = sizes[process_index]
 
   source = source_fn(d, EVAL_SPLIT, shard_index=process_index, num_shards=process_count)
+  scales = tuple(float(r) for r in config.eval.scales)
   kwargs = dict(img_scale=tuple(d.test_img_scale), min_size=int(d.test_min_size),
                 mean=tuple(d.mean), std=tuple(d.std), pad_size=pad_size,
-                label_pad_size=label_pad_size)
+                label_pad_size=label_pad_size, scales=scales)
   transform = tf.autograph.experimental.do_not_convert(lambda ex: eval_transform(ex, **kwargs))
   ds = source.take(mine).map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.range(num_batches * local_batch - mine).map(
       tf.autograph.experimental.do_not_convert(
-          lambda _: _padding_example(pad_size, label_pad_size)))
+          lambda _: _padding_example(pad_size, label_pad_size, len(scales))))
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
   ds = ds.prefetch(max(int(d.prefetch), 1))

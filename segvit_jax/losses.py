@@ -30,8 +30,6 @@ import jax.numpy as jnp
 
 from segvit_jax import resize
 
-IGNORE_LABEL = 255
-
 
 def class_cross_entropy(class_logits: jnp.ndarray, present: jnp.ndarray,
                         no_object_weight: float) -> jnp.ndarray:

@@ -22,8 +22,6 @@ from typing import Any, Dict, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
-
 
 def confusion_matrix(pred: jnp.ndarray, label: jnp.ndarray, num_classes: int,
                      valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:

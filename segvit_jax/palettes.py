@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_LABEL = 255
 IGNORE_COLOR = (0, 0, 0)  # palettes below never use pure black for a class
 
 ADE20K_CLASSES = (

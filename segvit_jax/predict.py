@@ -6,7 +6,11 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
 latest step; the config comes from WORKDIR/config.json unless `--config` is given). INPUTs are
 image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
-.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp). For every image, OUTPUT gets
+.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
+reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
+the EXIF orientation applied, alpha dropped and 16-bit samples reduced to 8 bits; OpenCV's
+bilinear resize), so an image gets the labels evaluation would give it. For every image, OUTPUT
+gets
 
   labels/<name>.png     class indices at the image's own resolution (8-bit grey PNG when the model
                         has at most 256 classes, 16-bit otherwise); read back with
@@ -56,10 +60,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
 from segvit_jax import cli
 from segvit_jax import evaluate
+from segvit_jax import mmseg_rules
 from segvit_jax import visualize
 from segvit_jax.errors import UserError
 
@@ -94,53 +98,8 @@ def load_checkpoint(path: str, config: Optional[Any] = None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Host-side preprocessing: mmseg's test resize (OpenCV arithmetic), as the eval pipeline does it.
-
-
-def test_resize_size(hw: Tuple[int, int], img_scale: Sequence[int],
-                     min_size: int = 0) -> Tuple[int, int]:
-  """mmseg Resize(keep_ratio=True) size of an (h, w) image, mmcv's float64 arithmetic.
-
-  Same rule as `augment.rescale_size` (what evaluation's input pipeline uses) and
-  `evaluate.rescale_size` (integer version; may differ by one pixel at exact .5 ties).
-  """
-  h, w = float(hw[0]), float(hw[1])
-  s0, s1 = float(img_scale[0]), float(img_scale[1])
-  if min_size:
-    short = min(s0, s1)
-    new_short = float(min_size) if short < float(min_size) else short
-    s0, s1 = (new_short * h / w, new_short) if h > w else (new_short, new_short * w / h)
-  factor = min(max(s0, s1) / max(h, w), min(s0, s1) / min(h, w))
-  return int(np.floor(h * factor + 0.5)), int(np.floor(w * factor + 0.5))
-
-
-def _linear_taps(out_size: int, in_size: int):
-  """OpenCV INTER_LINEAR source taps (lo, hi, weight of hi) for every output position."""
-  src = (np.arange(out_size, dtype=np.float64) + 0.5) * (1.0 / (out_size / in_size)) - 0.5
-  lo = np.floor(src)
-  frac = src - lo
-  lo = lo.astype(np.int64)
-  frac[(lo < 0) | (lo >= in_size - 1)] = 0.0
-  frac = np.round(frac * 2048.0) / 2048.0  # OpenCV's 11-bit fixed-point weights for uint8
-  lo = np.clip(lo, 0, in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  return lo, hi, frac.astype(np.float32)
-
-
-def resize_linear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """(H, W, 3) uint8 -> (h, w, 3) float32 integers: cv2.resize INTER_LINEAR (no antialiasing)."""
-  if tuple(image.shape[:2]) == tuple(size):
-    return image.astype(np.float32)
-  r_lo, r_hi, r_frac = _linear_taps(size[0], image.shape[0])
-  c_lo, c_hi, c_frac = _linear_taps(size[1], image.shape[1])
-  rows = np.unique(np.concatenate([r_lo, r_hi]))  # only the source rows the output needs
-  src = image[rows]
-  left = src[:, c_lo].astype(np.float32)
-  x = left + (src[:, c_hi].astype(np.float32) - left) * c_frac[None, :, None]
-  where = np.searchsorted(rows, r_lo), np.searchsorted(rows, r_hi)
-  top = x[where[0]]
-  y = top + (x[where[1]] - top) * r_frac[:, None, None]
-  return np.clip(np.floor(y + 0.5), 0.0, 255.0)
+# Host-side preprocessing: mmseg's rules (`mmseg_rules`), the same functions as training and
+# evaluation use.
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -148,9 +107,11 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def read_image(source: Any) -> np.ndarray:
-  """(H, W, 3) uint8 RGB of a path, a PIL image or an array; EXIF orientation applied.
+  """(H, W, 3) uint8 RGB of a path, a PIL image or an array, as mmseg would read the file.
 
-  Raises OSError / ValueError (with the reason) for anything that is not a readable image.
+  Files are decoded by `mmseg_rules.decode_image` (OpenCV's IMREAD_COLOR: EXIF orientation
+  applied, alpha dropped, 16-bit samples reduced to their high byte). Raises OSError /
+  ValueError (with the reason) for anything that is not a readable image.
   """
   if isinstance(source, np.ndarray):
     arr = source
@@ -162,15 +123,9 @@ def read_image(source: Any) -> np.ndarray:
       raise ValueError(f'an image array must be uint8 (0..255); got {arr.dtype}.')
     return np.ascontiguousarray(arr[..., :3])
   if isinstance(source, Image.Image):
-    image = source
-  else:
-    image = Image.open(source)
-    image.load()  # decode now: truncated files fail here, not later
-  image = ImageOps.exif_transpose(image)
-  arr = np.asarray(image.convert('RGB'), np.uint8)
-  if arr.ndim != 3 or min(arr.shape[:2]) < 1:
-    raise ValueError(f'decoded to an empty image {arr.shape}.')
-  return arr
+    return mmseg_rules.image_to_rgb(source)
+  with open(source, 'rb') as f:
+    return mmseg_rules.decode_image(f.read())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +139,7 @@ class Prepared:
   name: str
   image: np.ndarray  # (H, W, 3) uint8, the original
   model_input: np.ndarray  # (h, w, 3) float32, resized and normalised
+  scaled_size: np.ndarray  # (len(config.eval.scales), 2) int32: test-resized (h, w) per ratio
   key: Tuple[Tuple[int, int], Tuple[int, int]]  # (input bucket, output bucket)
 
 
@@ -229,16 +185,19 @@ class Predictor:
 
   def prepare(self, index: int, name: str, image: np.ndarray, bucket: Optional[int],
               output_bucket: int) -> Prepared:
+    """mmseg's test transform of one image: Resize(keep_ratio) with OpenCV's bilinear, Normalize."""
     d = self.config.dataset
     h, w = image.shape[:2]
-    size = test_resize_size((h, w), tuple(d.test_img_scale), int(d.get('test_min_size', 0)))
-    size = (max(size[0], 1), max(size[1], 1))
-    x = resize_linear(image, size)
-    mean, std = tuple(d.mean), tuple(d.std)
-    x = (x - np.asarray(mean, np.float32)) * np.asarray([1.0 / s for s in std], np.float32)
+    img_scale, min_size = tuple(d.test_img_scale), int(d.get('test_min_size', 0))
+    size = tuple(max(int(s), 1) for s in mmseg_rules.rescale_size((h, w), img_scale, min_size))
+    x = mmseg_rules.resize_linear(image, size).astype(np.float32)
+    x = mmseg_rules.normalize(x, tuple(d.mean), tuple(d.std))
+    scaled = [mmseg_rules.rescale_size((h, w), mmseg_rules.ratio_scale(img_scale, float(r)),
+                                       min_size) for r in self.config.eval.scales]
     key = (self.input_bucket(size, bucket),
            (_round_up(h, output_bucket), _round_up(w, output_bucket)))
-    return Prepared(index, name, image, x.astype(np.float32), key)
+    return Prepared(index, name, image, x.astype(np.float32),
+                    np.asarray(scaled, np.int32).reshape(-1, 2), key)
 
   # -- the jitted function ---------------------------------------------------------------------
 
@@ -249,9 +208,10 @@ class Predictor:
     test_min_size = int(d.get('test_min_size', 0))
     label_dtype = jnp.uint8 if k <= 256 else jnp.int32
 
-    def fn(variables, images, image_size, label_size):
+    def fn(variables, images, image_size, scaled_size, label_size):
       score_fn = lambda x: model.apply(variables, x, train=False)
-      batch = {'image': images, 'image_size': image_size, 'label_size': label_size}
+      batch = {'image': images, 'image_size': image_size, 'scaled_size': scaled_size,
+               'label_size': label_size}
       probs = evaluate.predict_probs(score_fn, batch, eval_config=eval_config, num_classes=k,
                                      test_img_scale=test_img_scale, test_min_size=test_min_size,
                                      output_shape=output_shape)
@@ -267,8 +227,8 @@ class Predictor:
       (hb, wb), (ho, wo) = key
       base = self._function(self.eval_config(tta), (ho, wo), with_scores)
 
-      def fn(variables, images, image_size, label_size):
-        labels, probs = base(variables, images, image_size, label_size)
+      def fn(variables, images, image_size, scaled_size, label_size):
+        labels, probs = base(variables, images, image_size, scaled_size, label_size)
         return labels, (None if probs is None else probs.astype(scores_dtype))
 
       t0 = time.perf_counter()
@@ -276,6 +236,7 @@ class Predictor:
           self.variables,
           jax.ShapeDtypeStruct((batch_size, hb, wb, 3), jnp.float32),
           jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+          jax.ShapeDtypeStruct((batch_size, len(self.config.eval.scales), 2), jnp.int32),
           jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)).compile()
       seconds = time.perf_counter() - t0
       self.compile_seconds += seconds
@@ -290,15 +251,17 @@ class Predictor:
     (hb, wb), _ = key
     images = np.zeros((batch_size, hb, wb, 3), np.float32)
     image_size = np.zeros((batch_size, 2), np.int32)
+    scaled_size = np.zeros((batch_size, *items[0].scaled_size.shape), np.int32)
     label_size = np.zeros((batch_size, 2), np.int32)
     for i in range(batch_size):
       p = items[i] if i < len(items) else items[0]
       h, w = p.model_input.shape[:2]
       images[i, :h, :w] = p.model_input
       image_size[i] = (h, w)
+      scaled_size[i] = p.scaled_size
       label_size[i] = p.image.shape[:2]
     fn = self.compiled_for(key, batch_size, tta, with_scores, scores_dtype)
-    return fn(self.variables, images, image_size, label_size)
+    return fn(self.variables, images, image_size, scaled_size, label_size)
 
 
 def load(checkpoint: str, config: Optional[Any] = None) -> Predictor:
@@ -311,18 +274,23 @@ def load(checkpoint: str, config: Optional[Any] = None) -> Predictor:
 # The loop over inputs.
 
 
-def find_inputs(inputs: Sequence[str]) -> List[Tuple[str, str]]:
+def find_inputs(inputs: Sequence[str], exclude: Optional[str] = None) -> List[Tuple[str, str]]:
   """(path, output name without extension) of every image under `inputs`, in order.
 
-  Folders are searched recursively for IMAGE_EXTENSIONS (sorted); a file named explicitly is
+  Folders are searched recursively for IMAGE_EXTENSIONS (sorted), skipping the folder `exclude`
+  (the output folder: a rerun must not segment its own outputs); a file named explicitly is
   tried whatever its extension. Names are relative to the folder given; a name that would repeat
   gets a '-1', '-2', ... suffix. A missing input is an error naming it.
   """
+  skip = os.path.realpath(exclude) if exclude else None
   found = []
   for item in inputs:
     if os.path.isdir(item):
+      if os.path.realpath(item) == skip:
+        continue
       for dirpath, dirnames, filenames in os.walk(item):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames
+                             if os.path.realpath(os.path.join(dirpath, d)) != skip)
         for f in sorted(filenames):
           if f.lower().endswith(IMAGE_EXTENSIONS):
             path = os.path.join(dirpath, f)
@@ -540,7 +508,7 @@ def main(argv: Sequence[str]) -> int:
     raise UserError(f'--batch_size={f.batch_size} must be at least 1.')
   cli.check_writable_dir(f.output, '--output')
   try:
-    sources = find_inputs(inputs)
+    sources = find_inputs(inputs, exclude=f.output)
   except FileNotFoundError as e:
     raise UserError(str(e)) from e
   if not sources:

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import mmcv_reference
 from segvit_jax import palettes
 from segvit_jax import datasets
 from segvit_jax.datasets import coco_stuff10k
@@ -93,10 +94,10 @@ def test_ade20k_build_counts_mapping_and_order(tmp_path, rng):
     assert e['label'].dtype == np.uint8
     np.testing.assert_array_equal(e['label'], expected)
   np.testing.assert_array_equal(val_out[0]['label'], expected[:, ::-1])
-  # Images are the shipped JPEG bytes, decoded in the graph.
+  # Images are the shipped JPEG bytes, decoded in the graph as OpenCV decodes them.
   by_name = {f'{n}.jpg': img for n, img, _ in train}
   for e in train_out:
-    ref = tf.io.decode_jpeg(layouts.jpeg_bytes(by_name[e['file_name'].decode()])).numpy()
+    ref = mmcv_reference.imdecode(layouts.jpeg_bytes(by_name[e['file_name'].decode()]))
     np.testing.assert_array_equal(e['image'], ref)
 
 
@@ -490,6 +491,66 @@ def test_palettes():
   rgb = palettes.colorize(np.array([[0, 255]]), colors)
   np.testing.assert_array_equal(rgb[0, 1], palettes.IGNORE_COLOR)
   np.testing.assert_array_equal(rgb[0, 0], colors[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: every source decodes as mmseg does (OpenCV's IMREAD_COLOR), bit for bit.
+
+# Encodings of photograph crops without EXIF rotation (a rotated image no longer fits its label).
+_PHOTO_VARIANTS = ('jpeg baseline 4:2:0', 'jpeg progressive', 'jpeg 4:2:2', 'jpeg grey',
+                   'jpeg cmyk', 'jpeg exif orientation 2', 'png rgb', 'png grey', 'png palette',
+                   'png rgba', 'png grey + alpha', 'png 16-bit rgb', 'png 16-bit grey')
+
+
+def _photo_examples():
+  """[(stem, encoded bytes, raw ADE label)]: 48 x 40 crops of the photograph, encoded variously."""
+  photo = mmcv_reference.photo()
+  raw = _stripes([1, 2, 3], 48, 40)
+  out = []
+  for i, name in enumerate(_PHOTO_VARIANTS):
+    crop = np.ascontiguousarray(photo[60 + 20 * i:108 + 20 * i, 200 + 9 * i:240 + 9 * i])
+    out.append((f'ADE_train_{i + 1:08d}', mmcv_reference.image_variants(crop)[name], raw))
+  return out
+
+
+def test_tfds_and_mmseg_folder_sources_decode_as_opencv(tmp_path):
+  examples = _photo_examples()
+  (tmp_path / 'manual').mkdir()
+  layouts.ade20k_zip(str(tmp_path / 'manual'), examples, examples[:1])
+  _build('ade20k', tmp_path / 'manual', tmp_path / 'data')
+  folder = layouts.mmseg_folder(str(tmp_path / 'folder'), 'ade20k', examples, examples[:1])
+  for cfg in (_cfg(tfds_name='ade20k', data_dir=str(tmp_path / 'data')),
+              _cfg(source='mmseg_folder', folder=folder)):
+    out = _read(cfg, 'train')
+    assert len(out) == len(examples)
+    for (stem, data, _), example in zip(examples, out):
+      assert example['file_name'].decode().startswith(stem), cfg.source
+      np.testing.assert_array_equal(example['image'], mmcv_reference.imdecode(data),
+                                    err_msg=f'{cfg.source} {stem}')
+      np.testing.assert_array_equal(example['label'], _stripes([0, 1, 2], 48, 40))
+
+
+def test_exif_rotated_image_fails_the_build_naming_the_orientation(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  crop = np.ascontiguousarray(mmcv_reference.photo()[:48, :40])
+  rotated = mmcv_reference.with_orientation(Image.fromarray(crop), 'JPEG', 6)
+  examples = [('ADE_train_00000001', rotated, _stripes([1, 2], 48, 40))]
+  (tmp_path / 'manual').mkdir()
+  layouts.ade20k_zip(str(tmp_path / 'manual'), examples, examples)
+  with pytest.raises(common.DatasetError,
+                     match=r'00000001\.jpg: image is 40x48 .*EXIF orientation'):
+    _build('ade20k', tmp_path / 'manual', tmp_path / 'data')
+
+
+def test_mmseg_folder_reads_palette_labels_as_indices(tmp_path, rng):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = layouts.mmseg_folder(str(tmp_path / 'data'), 'generic',
+                              [('a', layouts.random_image(rng, H, W), _stripes([0]))], [])
+  label = Image.fromarray(_stripes([0, 1, 5, 255]).astype(np.uint8), 'P')
+  label.putpalette([int(v) for v in rng.integers(0, 256, 768)])
+  label.save(os.path.join(root, 'ann_dir', 'train', 'a.png'))
+  cfg = _cfg(source='mmseg_folder', folder=root, reduce_zero_label=False, num_classes=10)
+  np.testing.assert_array_equal(_read(cfg, 'train')[0]['label'], _stripes([0, 1, 5, 255]))
 
 
 def test_get_source_rejects_unknown_source():

@@ -17,6 +17,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest
 import tensorflow as tf
 
+import mmcv_reference
 from segvit_jax import augment
 from segvit_jax import config_base
 from segvit_jax import input_pipeline
@@ -221,6 +222,7 @@ def test_eval_padding_validity_and_equal_batch_counts():
     spec = ds.element_spec
     assert spec['image'].shape == (2, 96, 96, 3) and spec['label'].shape == (2, 48, 64)
     assert spec['image_size'].shape == spec['label_size'].shape == (2, 2)
+    assert spec['scaled_size'].shape == (2, len(config.eval.scales), 2)
     assert spec['valid'].shape == (2,) and spec['valid'].dtype == tf.bool
     batches = list(ds.as_numpy_iterator())
     counts.append(len(batches))
@@ -231,6 +233,7 @@ def test_eval_padding_validity_and_equal_batch_counts():
         if not batch['valid'][row]:
           assert np.all(image == 0) and np.all(label == 255)
           assert batch['image_size'][row].tolist() == batch['label_size'][row].tolist() == [0, 0]
+          assert not batch['scaled_size'][row].any()
           continue
         i = _identify(image[None])[0]
         valid_ids.append(i)
@@ -240,7 +243,11 @@ def test_eval_padding_validity_and_equal_batch_counts():
         np.testing.assert_array_equal(label[:h, :w], src_label)  # original resolution
         assert np.all(label[h:] == 255) and np.all(label[:, w:] == 255)
         nh, nw = batch['image_size'][row]
-        assert (nh, nw) == tuple(augment.rescale_size([h, w], [64.0, 32.0]).numpy())
+        assert (nh, nw) == mmcv_reference.rescale_size(h, w, (64, 32))
+        # The size at every test ratio, from the original size (mmseg's MultiScaleFlipAug).
+        assert batch['scaled_size'][row].tolist() == [
+            list(mmcv_reference.rescale_size(h, w, mmcv_reference.ratio_scale((64, 32), r)))
+            for r in config.eval.scales]
         np.testing.assert_allclose(image[:nh, :nw], (src_image[0, 0, 0] - 127.5) / 127.5,
                                    atol=1e-6)
         assert np.all(image[nh:] == 0) and np.all(image[:, nw:] == 0)

@@ -11,12 +11,19 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import mmcv_reference
 from segvit_jax import checkpoint
 from segvit_jax import config_base
 from segvit_jax import evaluate
+from segvit_jax import mmseg_rules
 from segvit_jax import predict
 from segvit_jax import visualize
 from segvit_jax.models import segvit
+
+try:
+  from tests import tiny_runs  # pylint: disable=g-import-not-at-top
+except ImportError:
+  import tiny_runs  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 3
@@ -85,7 +92,7 @@ def setup(tmp_path_factory):
   for name, (h, w) in IMAGES:
     img = _image(rng, h, w)
     Image.fromarray(img).save(inputs / name, quality=95)
-    originals[name] = np.asarray(Image.open(inputs / name).convert('RGB'))  # after JPEG coding
+    originals[name] = mmcv_reference.imdecode((inputs / name).read_bytes())  # as mmseg reads it
   (inputs / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a JPEG' + bytes(64))
   return {'ckpt': ckpt, 'inputs': str(inputs), 'originals': originals, 'params': params,
           'config': config, 'base': base}
@@ -100,10 +107,13 @@ def direct_probs(predictor, image, eval_config):
   """evaluate.predict_probs on one unpadded image, bypassing buckets and batching."""
   d = predictor.config.dataset
   h, w = image.shape[:2]
-  size = predict.test_resize_size((h, w), tuple(d.test_img_scale), d.test_min_size)
-  x = (predict.resize_linear(image, size) - 127.5) / 127.5
+  scale = tuple(d.test_img_scale)
+  size = mmcv_reference.rescale_size(h, w, scale, d.test_min_size)
+  x = mmcv_reference.imnormalize(mmcv_reference.imresize_linear(image, *size), d.mean, d.std)
+  scaled = [mmcv_reference.rescale_size(h, w, mmcv_reference.ratio_scale(scale, r),
+                                        d.test_min_size) for r in eval_config.scales]
   batch = {'image': jnp.asarray(x[None], jnp.float32), 'image_size': jnp.asarray([size]),
-           'label_size': jnp.asarray([[h, w]])}
+           'scaled_size': jnp.asarray([scaled]), 'label_size': jnp.asarray([[h, w]])}
   fn = jax.jit(lambda v, b: evaluate.predict_probs(
       lambda im: predictor.model.apply(v, im, train=False), b, eval_config=eval_config,
       num_classes=K, test_img_scale=tuple(d.test_img_scale), test_min_size=d.test_min_size,
@@ -207,27 +217,62 @@ def test_training_workdir_restores_params_only(setup, predictor, tmp_path):
                params)
 
 
-def test_test_resize_size_agrees_with_evaluate_rule():
-  sizes = np.array([(40, 56), (64, 64), (30, 90), (512, 683), (1200, 300), (7, 9)])
-  for scale, min_size in (((64, 32), 0), ((2048, 512), 0), ((2048, 512), 640)):
-    want = np.asarray(evaluate.rescale_size(sizes, scale, min_size))
-    got = np.array([predict.test_resize_size(s, scale, min_size) for s in sizes])
-    np.testing.assert_array_equal(got, want)
+# ------------------------------------------------------------------------------------------------
+# Images are read as mmseg reads them (OpenCV's IMREAD_COLOR).
 
 
-def test_resize_linear_is_opencv_bilinear():
-  import torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(1)
-  image = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
-  for size in ((20, 30), (37, 53), (64, 90), (11, 200)):
-    got = predict.resize_linear(image, size)
-    assert got.shape == (*size, 3) and np.all(got == np.round(got))
-    # PyTorch's bilinear (align_corners=False) is OpenCV's formula with exact weights; OpenCV
-    # quantises them to 1/2048, which moves a rounded pixel by at most 1.
-    want = torch.nn.functional.interpolate(
-        torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None], size=size,
-        mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
-    assert np.abs(got - want).max() <= 1.0
+def _photo_crop(y, x, h=48, w=40):
+  return np.ascontiguousarray(mmcv_reference.photo()[y:y + h, x:x + w])
+
+
+def test_read_image_is_opencv_decoding(tmp_path):
+  variants = mmcv_reference.image_variants(_photo_crop(100, 200))
+  for name in ('jpeg baseline 4:2:0', 'jpeg exif orientation 6', 'png 16-bit grey',
+               'png palette + tRNS', 'png rgba'):
+    path = tmp_path / 'image'
+    path.write_bytes(variants[name])
+    np.testing.assert_array_equal(predict.read_image(str(path)),
+                                  mmcv_reference.imdecode(variants[name]), err_msg=name)
+  pil = Image.open(tmp_path / 'image')
+  np.testing.assert_array_equal(predict.read_image(pil), mmseg_rules.image_to_rgb(pil))
+
+
+def test_jpeg_gives_the_labels_of_a_png_of_opencvs_decoding(tmp_path, predictor):
+  paths = []
+  for i, (y, x) in enumerate(((40, 180), (200, 120), (330, 260))):
+    crop = _photo_crop(y, x)
+    jpeg = mmcv_reference.encode(crop, 'JPEG', quality=85)
+    if i == 2:  # a camera JPEG that must be rotated
+      jpeg = mmcv_reference.with_orientation(Image.fromarray(crop), 'JPEG', 8)
+    (tmp_path / f'{i}.jpg').write_bytes(jpeg)
+    (tmp_path / f'{i}.png').write_bytes(
+        mmcv_reference.encode(mmcv_reference.imdecode(jpeg), 'PNG'))
+    paths += [str(tmp_path / f'{i}.jpg'), str(tmp_path / f'{i}.png')]
+  results = predict.segment(paths, predictor, scores=True, scores_dtype=np.float32)
+  for jpeg, png in zip(results[::2], results[1::2]):
+    np.testing.assert_array_equal(jpeg['labels'], png['labels'])
+    np.testing.assert_array_equal(jpeg['scores'], png['scores'])  # the very same model input
+    assert jpeg['scores'].std(axis=(0, 1)).min() > 1e-4  # scores that depend on the pixels
+  assert results[4]['labels'].shape == (40, 48)  # rotated as OpenCV rotates it
+
+
+def test_16_bit_png_gives_the_labels_of_its_8_bit_version(tmp_path, predictor):
+  crop = _photo_crop(150, 150, 56, 64)
+  (tmp_path / '8.png').write_bytes(mmcv_reference.encode(crop, 'PNG'))
+  (tmp_path / '16.png').write_bytes(mmcv_reference.encode_png16(mmcv_reference.to_16bit(crop)))
+  (tmp_path / '16g.png').write_bytes(
+      mmcv_reference.encode_png16(mmcv_reference.to_16bit(crop[..., 1].copy())))
+  (tmp_path / '8g.png').write_bytes(mmcv_reference.encode(crop[..., 1], 'PNG'))
+  white = np.full_like(crop, 255)
+  eight, sixteen, sixteen_grey, eight_grey, blank = predict.segment(
+      [str(tmp_path / n) for n in ('8.png', '16.png', '16g.png', '8g.png')] + [white], predictor,
+      scores=True, scores_dtype=np.float32)
+  assert np.mean(eight['labels'] == sixteen['labels']) >= 0.99
+  assert np.mean(eight_grey['labels'] == sixteen_grey['labels']) >= 0.99
+  # OpenCV's high-byte rule: the very same 8-bit image, not the white one Pillow makes of grey.
+  np.testing.assert_array_equal(sixteen['scores'], eight['scores'])
+  np.testing.assert_array_equal(sixteen_grey['scores'], eight_grey['scores'])
+  assert np.abs(sixteen_grey['scores'] - blank['scores']).max() > 1e-3
 
 
 def test_find_inputs_recurses_and_deduplicates(tmp_path):
@@ -238,3 +283,72 @@ def test_find_inputs_recurses_and_deduplicates(tmp_path):
   assert [n for _, n in found] == ['x', 'x-1', 'sub/y', 'z']
   with pytest.raises(FileNotFoundError, match='nope'):
     predict.find_inputs([str(tmp_path / 'nope')])
+
+
+def test_find_inputs_skips_the_output_folder(tmp_path):
+  (tmp_path / 'in' / 'out' / 'labels').mkdir(parents=True)
+  (tmp_path / 'in' / 'sub').mkdir()
+  for p in ('in/a.jpg', 'in/sub/b.png', 'in/out/labels/a.png', 'in/out/overlays.png'):
+    (tmp_path / p).write_bytes(b'')
+  found = predict.find_inputs([str(tmp_path / 'in')], exclude=str(tmp_path / 'in' / 'out'))
+  assert [n for _, n in found] == ['a', 'sub/b']
+  assert len(predict.find_inputs([str(tmp_path / 'in')])) == 4
+  # Named through another path (a trailing slash, a symlink): still the same folder.
+  (tmp_path / 'link').symlink_to(tmp_path / 'in')
+  found = predict.find_inputs([str(tmp_path / 'link')], exclude=str(tmp_path / 'in' / 'out') + '/')
+  assert [n for _, n in found] == ['a', 'sub/b']
+
+
+# ------------------------------------------------------------------------------------------------
+# The real commands: predict's labels of JPEG photographs, evaluated as ground truth, score 100%.
+
+
+def _train_tiny_workdir(workdir: str) -> None:
+  """A workdir of the tiny synthetic config trained for 2 steps (in this process).
+
+  Slide inference with one 32 x 32 window: prediction and evaluation then pad every image to
+  the same bucket. The evaluation command reuses these overrides (`_TINY_EVAL`).
+  """
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_runs.tiny_config(**_TINY_EVAL, num_train_steps=2, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+
+_TINY_EVAL = {'eval__mode': 'slide', 'eval__stride': (16, 16),
+              'dataset__eval_label_pad_size': (64, 64)}
+
+
+def test_predicted_jpeg_labels_evaluate_as_ground_truth_at_100_percent(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _train_tiny_workdir(workdir)
+  images = tmp_path / 'data' / 'img_dir' / 'val'
+  images.mkdir(parents=True)
+  for i, (y, x) in enumerate(((40, 180), (200, 120), (330, 260), (500, 20))):
+    crop = _photo_crop(y, x, 48 + 4 * i, 60 - 5 * i)
+    (images / f'photo_{i}.jpg').write_bytes(mmcv_reference.encode(crop, 'JPEG', quality=80))
+  (tmp_path / 'data' / 'img_dir' / 'train').symlink_to(images)
+  out = images / 'predictions'  # inside the input folder
+  predict_cmd = [sys.executable, '-m', 'segvit_jax.predict', f'--checkpoint={workdir}',
+                 str(images), f'--output={out}', '--noprogress']
+  for _ in range(2):  # the rerun must not segment its own outputs
+    proc = subprocess.run(predict_cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=tiny_runs.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Segmented 4 images in' in proc.stdout, proc.stdout
+  labels = tmp_path / 'data' / 'ann_dir' / 'val'
+  labels.mkdir(parents=True)
+  for i in range(4):
+    predicted = np.asarray(Image.open(out / 'labels' / f'photo_{i}.png'))
+    assert predicted.shape == (48 + 4 * i, 60 - 5 * i)
+    Image.fromarray(predicted).save(labels / f'photo_{i}.png')
+  (tmp_path / 'data' / 'ann_dir' / 'train').symlink_to(labels)
+  eval_dir = str(tmp_path / 'eval')
+  cmd = tiny_runs.main_cmd(eval_dir, **_TINY_EVAL, dataset__source='mmseg_folder',
+                           dataset__folder=str(tmp_path / 'data'),
+                           dataset__reduce_zero_label=False, init_checkpoint=workdir)
+  proc = subprocess.run(cmd + ['--mode=eval'], capture_output=True, text=True, timeout=600,
+                        cwd=ROOT, env=tiny_runs.env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(eval_dir, 'eval_metrics.json')) as f:
+    result = json.load(f)
+  assert result['aacc'] == 1.0, result

@@ -17,6 +17,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segvit_jax import mmseg_rules
 from segvit_jax.datasets import common
 
 ARCHIVE = 'ADEChallengeData2016.zip'
@@ -51,7 +52,7 @@ _CITATION = """\
 
 def label_lut() -> np.ndarray:
   """Raw ADE value -> train id: 0 -> 255, 1..150 -> 0..149, 255 -> 255."""
-  mapping = {0: common.IGNORE_LABEL}
+  mapping = {0: mmseg_rules.IGNORE_LABEL}
   mapping.update({k: k - 1 for k in range(1, NUM_CLASSES + 1)})
   return common.make_lut(mapping, 256)
 

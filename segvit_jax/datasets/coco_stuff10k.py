@@ -20,6 +20,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segvit_jax import mmseg_rules
 from segvit_jax.datasets import common
 
 ARCHIVE = 'cocostuff-10k-v1.1.zip'
@@ -62,7 +63,7 @@ def used_ids() -> list[int]:
 
 def label_lut() -> np.ndarray:
   """Raw COCO-Stuff-10K value -> train id (mmseg converter + reduce_zero_label)."""
-  mapping = {0: common.IGNORE_LABEL}
+  mapping = {0: mmseg_rules.IGNORE_LABEL}
   mapping.update({cid: i for i, cid in enumerate(used_ids())})
   return common.make_lut(mapping, 256)
 

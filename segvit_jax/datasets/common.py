@@ -20,9 +20,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from segvit_jax import mmseg_rules
 from segvit_jax.errors import UserError
-
-IGNORE_LABEL = 255
 
 
 class DatasetError(UserError):
@@ -195,23 +194,31 @@ def missing_source_error(name: str, manual_dir: str, instructions: str) -> Datas
 
 
 def check_image(data: bytes, name: str) -> tuple[int, int]:
-  """Fully decodes an encoded image and returns its (height, width).
+  """Fully decodes an encoded image as training will (`mmseg_rules.decode_image`): its (h, w).
 
-  Decodes with PIL (load() reads every scanline, so truncation and corrupt entropy data
-  surface here) and accepts only modes that tf.io.decode_image turns into RGB.
+  The (h, w) is after the EXIF orientation, as OpenCV (and so mmseg) reads the image.
   """
   try:
     with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      mode, (w, h) = im.mode, im.size
       fmt = im.format
   except Exception as e:  # PIL raises many types for bad data.
     raise DatasetError(f'{name}: corrupt or unreadable image ({e}).') from e
   if fmt not in ('JPEG', 'PNG'):
     raise DatasetError(f'{name}: expected a JPEG or PNG image, got {fmt}.')
-  if mode not in ('RGB', 'L', 'CMYK', 'RGBA', 'LA', 'P'):
-    raise DatasetError(f'{name}: unsupported image mode {mode!r} (expected RGB).')
-  return h, w
+  try:
+    image = mmseg_rules.decode_image(data)
+  except Exception as e:  # truncation and corrupt entropy data surface here
+    raise DatasetError(f'{name}: corrupt or unreadable image ({e}).') from e
+  return image.shape[0], image.shape[1]
+
+
+def exif_swaps_sides(data: bytes) -> bool:
+  """True when the image's EXIF orientation (5..8) swaps its height and width when decoded."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+  except Exception:  # pylint: disable=broad-except
+    return False
 
 
 def decode_png_label(data: bytes, name: str) -> np.ndarray:
@@ -260,8 +267,9 @@ def make_lut(mapping: dict[int, int], size: int, keep_ignore: bool = True) -> np
   lut = np.full((size,), -1, np.int32)
   for k, v in mapping.items():
     lut[k] = v
-  if keep_ignore and size > IGNORE_LABEL and lut[IGNORE_LABEL] == -1:
-    lut[IGNORE_LABEL] = IGNORE_LABEL
+  ignore = mmseg_rules.IGNORE_LABEL
+  if keep_ignore and size > ignore and lut[ignore] == -1:
+    lut[ignore] = ignore
   return lut
 
 
@@ -295,11 +303,16 @@ def _ranges(values: Iterable[int]) -> str:
 
 
 def check_same_size(image_hw: tuple[int, int], label: np.ndarray, image_name: str,
-                    label_name: str) -> None:
+                    label_name: str, rotated: bool = False) -> None:
+  """Image (as decoded) and label sizes agree; `rotated`: the image's EXIF orientation swaps
+  its sides (`exif_swaps_sides`), named in the message as the likely cause."""
   if tuple(image_hw) != tuple(label.shape):
+    why = (" The image's EXIF orientation rotates it (OpenCV, and so mmseg, applies it; the "
+           'label is not rotated): store the image upright, without the orientation tag.'
+           if rotated else '')
     raise DatasetError(
         f'{image_name}: image is {image_hw[0]}x{image_hw[1]} (HxW) but its label '
-        f'{label_name} is {label.shape[0]}x{label.shape[1]}.')
+        f'{label_name} is {label.shape[0]}x{label.shape[1]}.{why}')
 
 
 def encode_png(label: np.ndarray) -> bytes:
@@ -385,5 +398,5 @@ def make_example(image_bytes: bytes, image_name: str, raw_label: np.ndarray,
   """
   hw = check_image(image_bytes, image_name)
   label = apply_lut(raw_label, lut, label_name)
-  check_same_size(hw, label, image_name, label_name)
+  check_same_size(hw, label, image_name, label_name, exif_swaps_sides(image_bytes))
   return {'image': image_bytes, 'label': encode_png(label), 'file_name': file_name}

@@ -26,6 +26,8 @@ import os
 from PIL import Image
 import tensorflow as tf
 
+from segvit_jax import augment
+from segvit_jax import mmseg_rules
 from segvit_jax.datasets import common
 
 _IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
@@ -128,28 +130,28 @@ def find_pairs(folder: str, split: str) -> Pairs:
 
 
 def _check_label_format(path: str) -> None:
-  """tf.io.decode_png would turn palette or 16-bit PNGs into wrong values: refuse them."""
+  """Label maps hold class indices in one 8-bit channel: grey or palette PNGs (mmseg reads both)."""
   with Image.open(path) as im:
-    if im.format != 'PNG' or im.mode != 'L':
+    if im.format != 'PNG' or im.mode not in ('L', 'P'):
       raise common.DatasetError(
-          f'{path}: label maps must be 8-bit single-channel (mode L) PNGs holding class '
+          f'{path}: label maps must be 8-bit single-channel (grey or palette) PNGs holding class '
           f'indices, got {im.format} mode {im.mode}. Convert with '
           "PIL: Image.fromarray(np.asarray(Image.open(p)).astype(np.uint8)).save(p).")
 
 
 def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:
   """mmseg's reduce_zero_label on uint8 labels: 0 -> 255, k -> k - 1, 255 stays 255."""
-  return tf.where((label == 0) | (label == 255), tf.constant(255, tf.uint8), label - 1)
+  ignore = tf.constant(mmseg_rules.IGNORE_LABEL, tf.uint8)
+  return tf.where((label == 0) | (label == ignore), ignore, label - 1)
 
 
 def _decode(image_path, label_path, *, num_classes: int, reduce_zero: bool):
-  image = tf.io.decode_image(tf.io.read_file(image_path), channels=3,
-                             expand_animations=False)
-  label = tf.io.decode_png(tf.io.read_file(label_path), channels=1)[..., 0]
+  image = augment.decode_image(tf.io.read_file(image_path))
+  label = augment.decode_label(tf.io.read_file(label_path))
   if reduce_zero:
     label = reduce_zero_label(label)
   # Name the file when the data is inconsistent instead of failing later in the loss.
-  valid = tf.where(label == 255, tf.constant(0, tf.uint8), label)
+  valid = tf.where(label == mmseg_rules.IGNORE_LABEL, tf.constant(0, tf.uint8), label)
   same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)))
   in_range = tf.cast(tf.reduce_max(valid), tf.int32) < num_classes
   checks = [
@@ -179,7 +181,7 @@ def source(dataset_config, split: str, shard_index: int = 0,
   num_classes = int(dataset_config.num_classes)
   reduce_zero = bool(dataset_config.reduce_zero_label)
   return ds.map(
-      lambda i, l: _decode(i, l, num_classes=num_classes, reduce_zero=reduce_zero),
+      lambda image, label: _decode(image, label, num_classes=num_classes, reduce_zero=reduce_zero),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -194,7 +196,8 @@ def validate(folder: str, num_classes: int, reduce_zero: bool,
   Returns the number of examples per split.
   """
   if reduce_zero:
-    lut = common.make_lut({0: 255, **{k: k - 1 for k in range(1, num_classes + 1)}}, 256)
+    ignore = mmseg_rules.IGNORE_LABEL
+    lut = common.make_lut({0: ignore, **{k: k - 1 for k in range(1, num_classes + 1)}}, 256)
   else:
     lut = common.make_lut({k: k for k in range(num_classes)}, 256)
   counts = {}
@@ -203,10 +206,11 @@ def validate(folder: str, num_classes: int, reduce_zero: bool,
     for n, (im, lab) in enumerate(zip(pairs.images, pairs.labels)):
       _check_label_format(lab)
       with open(im, 'rb') as f:
-        hw = common.check_image(f.read(), im)
+        data = f.read()
+      hw = common.check_image(data, im)
       with open(lab, 'rb') as f:
         label = common.apply_lut(common.decode_png_label(f.read(), lab), lut, lab)
-      common.check_same_size(hw, label, im, lab)
+      common.check_same_size(hw, label, im, lab, common.exif_swaps_sides(data))
       if (n + 1) % 500 == 0:
         log(f'{split}: checked {n + 1}/{len(pairs.images)}')
     counts[split] = len(pairs.images)

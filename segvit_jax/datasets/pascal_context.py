@@ -28,6 +28,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from segvit_jax import mmseg_rules
 from segvit_jax.datasets import common
 
 VOC_ARCHIVE = 'VOCtrainval_03-May-2010.tar'
@@ -78,7 +79,7 @@ def label_lut(num_classes: int) -> np.ndarray:
   """Raw LabelMap value (0..459) -> train id for the 60- or 59-class protocol."""
   if num_classes not in (59, 60):
     raise ValueError(f'PASCAL-Context has 59 or 60 classes, got {num_classes}.')
-  background = 0 if num_classes == 60 else common.IGNORE_LABEL
+  background = 0 if num_classes == 60 else mmseg_rules.IGNORE_LABEL
   offset = 1 if num_classes == 60 else 0
   mapping = {i: background for i in range(NUM_CONTEXT_LABELS + 1)}
   mapping.update({cid: i + offset for i, cid in enumerate(CONTEXT_59_IDS)})
