@@ -1,5 +1,6 @@
 """Prediction on files: outputs, bucketing, corrupt inputs, consistency with evaluation."""
 
+import json
 import os
 import subprocess
 import sys
