@@ -13,9 +13,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from segvit_jax import mmseg_rules
 from segvit_jax import palettes
-
-IGNORE_LABEL = palettes.IGNORE_LABEL
 
 
 class Classes(NamedTuple):
@@ -79,7 +78,7 @@ def predictions_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
   tiles = [_row_tiles(*row, colors) for row in rows]
   width = max(sum(t.size[0] for t in row) + 2 * _GAP for row in tiles)
   shown = sorted({int(c) for _, label, pred in rows for c in np.unique(np.concatenate(
-      [label.ravel(), pred.ravel()])) if c != IGNORE_LABEL})
+      [label.ravel(), pred.ravel()])) if c != mmseg_rules.IGNORE_LABEL})
   columns = max(1, width // _LEGEND_ENTRY[0])
   legend_rows = math.ceil(len(shown) / columns)
   height = _HEADER + len(tiles) * (_ROW_HEIGHT + _GAP) + legend_rows * _LEGEND_ENTRY[1] + 8
