@@ -4,7 +4,7 @@
     config.evals.figure = dict(type='figure', every_steps=-1, num_images=4)  # predictions.png
 
 `every_steps`: N > 0 runs after every N-th step and after the last one; -1 only after the last
-step; 0 never. Scalars go to the metric writers prefixed by the entry's name ('val/miou',
+step; 0 never during training (--mode=eval runs every entry once). Scalars go to the metric writers prefixed by the entry's name ('val/miou',
 'val/iou/<class>'); the first 'miou' entry's mIoU picks the best checkpoint and fills
 final_metrics.json. Inference follows `config.eval` (sliding window or whole image, TTA).
 """
@@ -149,8 +149,7 @@ def from_config(config: ml_collections.ConfigDict, model, mesh: Mesh, workdir: s
       evaluator = FigureEvaluator(model, config, mesh, path, spec.get('num_images', 4))
     else:
       raise UserError(f"config.evals.{name}.type={kind!r}: expected 'miou' or 'figure'.")
-    if every != 0:
-      entries.append(Entry(name, every, evaluator))
+    entries.append(Entry(name, every, evaluator))
   return entries
 
 
@@ -178,10 +177,12 @@ def run_due(entries: list[Entry], due: Callable[[int], bool], step: int, params:
   return miou
 
 
-def run_missing(entries: list[Entry], step: int, params: PyTree, writer, results: dict) -> None:
-  """Runs every entry that has no result at `step` yet (the end of a run, or --mode=eval)."""
+def run_missing(entries: list[Entry], step: int, params: PyTree, writer, results: dict, *,
+                include_off: bool = False) -> None:
+  """Runs every entry that has no result at `step` yet: at the end of a run the entries that
+  are on (every_steps != 0), in --mode=eval all of them (`include_off`)."""
   for entry in entries:
-    if results.get(entry.name, (None,))[0] != step:
+    if (entry.every_steps != 0 or include_off) and results.get(entry.name, (None,))[0] != step:
       _run_one(entry, step, params, writer, results)
 
 
@@ -200,6 +201,8 @@ def write_final(entries: list[Entry], results: dict, path: str, step: int,
   'figure_file'} for the entries that produced them."""
   out: dict[str, Any] = {}
   for entry in entries:
+    if entry.name not in results:
+      continue
     _, result = results[entry.name]
     if isinstance(entry.evaluator, MiouEvaluator) and 'metrics_file' not in out:
       final = {'step': int(step), **extra, **_json_ready(result)}

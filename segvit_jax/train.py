@@ -320,10 +320,11 @@ class Progress:
     return rate
 
   def line(self, step: int, mean: Mapping[str, float], rate: float) -> str:
-    eta = format_duration((self.num_steps - step) / max(rate, 1e-9)) if rate > 0 else '-'
+    """The progress line; no speed yet right after the first (compiling) step."""
+    speed = (f'{rate:.2f} steps/s | ETA '
+             f'{format_duration((self.num_steps - step) / rate)}') if rate > 0 else 'timing'
     return (f'step {step}/{self.num_steps} ({100.0 * step / self.num_steps:.1f}%) | loss '
-            f'{mean["loss"]:.4f} | lr {mean["learning_rate"]:.3g} | {rate:.2f} steps/s | '
-            f'ETA {eta}')
+            f'{mean["loss"]:.4f} | lr {mean["learning_rate"]:.3g} | {speed}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +490,9 @@ def _log(step: int, loop: Loop, outcome: LoopOutcome, *, show: bool = True) -> N
     return
   rate = loop.progress.steps_per_sec(step)
   scalars = {f'train/{k}': v for k, v in mean.items() if k != 'learning_rate'}
-  scalars.update(learning_rate=mean['learning_rate'], steps_per_sec=rate)
+  scalars['learning_rate'] = mean['learning_rate']
+  if rate > 0:  # none right after the first step: its time is compilation
+    scalars['steps_per_sec'] = rate
   loop.writer.write(step, scalars)
   outcome.last_logged = scalars
   if show:
@@ -620,7 +623,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir, prefix='eval_')
       results = {}
-      evaluators_lib.run_missing(evals, step, params, writer, results)
+      evaluators_lib.run_missing(evals, step, params, writer, results, include_off=True)
       path = os.path.join(workdir, 'eval_metrics.json')
       return {'step': step, **evaluators_lib.write_final(evals, results, path, step,
                                                          checkpoint=source)}
