@@ -27,9 +27,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def print_error(message: str) -> None:
-  """Prints `error: <message>` (its first line) on stderr."""
-  first = str(message).strip().splitlines()[0] if str(message).strip() else 'failed'
-  print(f'error: {first}', file=sys.stderr, flush=True)
+  """Prints `error: <message>` on stderr (one line, as user errors are written)."""
+  print(f'error: {str(message).strip() or "failed"}', file=sys.stderr, flush=True)
 
 
 def fail(message: str) -> NoReturn:
