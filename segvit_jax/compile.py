@@ -31,6 +31,7 @@ Exit 1 with `error: ...` when the config does not divide over the slice or a ste
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -41,12 +42,21 @@ from typing import Any, Callable, Optional
 
 from absl import app
 from absl import flags
+import jax
+import jax.extend
+from jax._src.lib import _jax  # XLA's cost analysis of an HLO module: no public API
+from jax.experimental import topologies
+import jax.numpy as jnp
+import jaxlib._hlo as hlo_lib  # HLO text -> module: no public API
 import ml_collections
 from ml_collections import config_flags
 
+from segvit_jax import evaluate
 from segvit_jax import preflight
+from segvit_jax import sharding
 from segvit_jax import summary
 from segvit_jax.errors import UserError
+from segvit_jax.models import layers
 
 GIB = 2.0**30
 
@@ -156,14 +166,12 @@ def parse_topology(name: str) -> Target:
 
 def target_devices(target: Target) -> list:
   """The target's devices, for compilation only (TPU devices come from libtpu's topology)."""
-  import jax  # pylint: disable=g-import-not-at-top
   if target.chip is None:
     devices = jax.devices('cpu')
     if len(devices) < target.chips:
       raise UserError(f'--topology={target.name}: this process has {len(devices)} CPU devices; '
                       'run the tool in a fresh process (it sets the count before JAX starts).')
     return devices[:target.chips]
-  import importlib.util  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec('libtpu') is None:
     raise UserError(f'--topology={target.name} needs libtpu: pip install -r requirements-tpu.txt '
                     '(or pip install --target=DIR -r requirements-tpu.txt and PYTHONPATH=DIR).')
@@ -171,7 +179,6 @@ def target_devices(target: Target) -> list:
   # target, which is what the compilation is for.
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.name)
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   topology = topologies.get_topology_desc(
       platform='tpu', topology_name=target.topology, chip_config_name=target.chip.chip_config,
       chips_per_host_bounds=target.host_bounds, num_slices=1)
@@ -197,11 +204,7 @@ class Programs:
 
 def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
   """The train and eval steps of a run of `config` on `devices`, as the trainer builds them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
-  from segvit_jax.models import layers  # pylint: disable=g-import-not-at-top
-
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   mesh, model, tx, schedule, spec = train._setup(config, devices)  # pylint: disable=protected-access
   train_step = train.make_train_step(model, tx, schedule, config, mesh, spec.shardings)
   eval_step = jax.jit(train._make_eval_step(model, config),  # pylint: disable=protected-access
@@ -217,9 +220,6 @@ def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
 def _abstract_batches(config: ml_collections.ConfigDict, mesh, train_batch: int,
                       eval_batch: int):
   """Shapes (with shardings) of a train batch and an eval batch, as input_pipeline makes them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
 
   def array(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
@@ -334,8 +334,6 @@ def loop_aware_cost(hlo_text: str, cost_backend) -> dict:
   and Pallas kernels' FLOPs taken from their cost estimates. Loops whose trip count cannot be
   read are counted once ('uncounted_loops').
   """
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-  import jaxlib._hlo as hlo_lib  # pylint: disable=g-import-not-at-top
 
   hlo = _Hlo(hlo_text)
   once_memo, extra_memo, uncounted = {}, {}, []
@@ -406,6 +404,7 @@ class StepReport:
   roofline_mfu: Optional[float] = None
   bound: Optional[str] = None  # 'compute' or 'memory'
   custom_calls: tuple = ()  # custom-call targets in the program (Pallas: 'tpu_custom_call')
+  state_gib: Optional[float] = None  # train: parameters + optimizer state per chip
   error: str = ''  # the compiler's out-of-memory message
 
 
@@ -415,8 +414,6 @@ _REQUIRED = re.compile(r'required for [^(]*\(([\d.]+)([KMGT])\)')
 
 def compile_step(jitted, args, usable_hbm_gib: Optional[float]) -> StepReport:
   """Lowers and compiles `jitted` for `args` (abstract, with shardings) and measures it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.extend  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
     compiled = jitted.lower(*args).compile()
@@ -484,7 +481,6 @@ def eval_forwards(config: ml_collections.ConfigDict) -> list:
 
   The compiled step runs at most this many (windows outside an image's grid are skipped).
   """
-  from segvit_jax import evaluate  # pylint: disable=g-import-not-at-top
   e, d = config.eval, config.dataset
   bucket = tuple(int(s) for s in d.eval_pad_size)
   crop = tuple(int(s) for s in e.crop_size)
@@ -515,47 +511,52 @@ def model_flops_per_chip(config: ml_collections.ConfigDict, chips: int, *, train
 # The largest train batch that fits.
 
 
-def search_max_batch(fits: Callable[[int], Optional[float]], start: int, known: Optional[float],
+def search_max_batch(measure: Callable[[int], tuple], start: int, first: tuple,
                      usable_gib: float, unit: int = 1, limit: int = 1 << 16) -> tuple:
-  """The largest per-shard batch b (a multiple of `unit`) with fits(b) not None, and the log.
+  """The largest per-shard train batch (a multiple of `unit`) that fits, and the compiles.
 
-  fits(b) compiles at b and returns the total GiB per chip, or None when it does not fit.
-  Memory is close to affine in the batch, so two fitting points predict the limit; each guess
-  is compiled, and the search stops when b fits and b + unit does not (usually 3-4 compiles).
-  `known`: fits(start), already measured. Returns (0, log) when even `unit` does not fit.
+  measure(b) compiles at per-shard batch b and returns (total GiB per chip or None, fits);
+  `first` is measure(start), already known. Memory is close to affine in the batch, so the
+  measured totals (the compiler reports one for programs that do not fit too) predict the
+  limit; every guess is compiled, within the bracket of the largest batch that fits and the
+  smallest that does not, which shrinks by a quarter at least each time. Usually 3-4 compiles.
+  Returns (0, log) when even `unit` does not fit; log: {b: (total, fits)}.
   """
-  log = {start: known}
-  lo = start if known is not None else None
-  hi = None if known is not None else start
-  while lo is None:  # halve until something fits
-    b = max(unit, hi // 2 // unit * unit)
-    if b == hi:
-      return 0, log
-    log[b] = fits(b)
-    lo, hi = (b, hi) if log[b] is not None else (None, b)
-  for _ in range(12):
-    if hi is not None and hi - lo <= unit:
-      break
-    points = sorted((b, t) for b, t in log.items() if t is not None)
-    if len(points) >= 2:
-      (b0, t0), (b1, t1) = points[-2], points[-1]
-      slope = max((t1 - t0) / (b1 - b0), 1e-9)
-      guess = b1 + int((usable_gib - t1) / slope)
+  log = {start: first}
+  for _ in range(24):
+    lo = max((b for b, (_, ok) in log.items() if ok), default=None)
+    hi = min((b for b, (_, ok) in log.items() if not ok), default=None)
+    if lo is None:
+      if hi <= unit:
+        return 0, log
+      guess = max(unit, hi // 2 // unit * unit)
+    elif (hi is not None and hi - lo <= unit) or lo >= limit:
+      return lo, log
     else:
-      guess = 2 * lo
-    guess = guess // unit * unit
-    guess = max(guess, lo + unit)
-    if hi is not None:
-      guess = min(guess, hi - unit)
-    guess = min(guess, limit)
-    if guess in log:
-      break
-    log[guess] = fits(guess)
-    if log[guess] is not None:
-      lo = guess
-    else:
-      hi = guess
-  return lo, log
+      guess = _predict_max_batch(log, lo, hi, usable_gib)
+      guess = guess // unit * unit
+      if hi is None:
+        guess = min(max(guess, lo + unit), limit)
+      else:
+        quarter = max(unit, (hi - lo) // 4 // unit * unit)
+        guess = min(max(guess, lo + quarter), hi - quarter)
+    log[guess] = measure(guess)
+  raise RuntimeError(f'search_max_batch did not converge: {log}')
+
+
+def _predict_max_batch(log: dict, lo: int, hi: Optional[int], usable_gib: float) -> int:
+  """Where the affine fit through the two measured totals nearest the limit crosses it."""
+  measured = {b: total for b, (total, _) in log.items() if total is not None}
+  near = [b for b in (lo, hi) if b in measured]
+  if len(near) < 2:
+    near = sorted(measured)[-2:]
+  if len(near) < 2:
+    return 2 * lo
+  (b0, t0), (b1, t1) = sorted((b, measured[b]) for b in near)
+  slope = (t1 - t0) / (b1 - b0)
+  if slope <= 0:
+    return 2 * lo
+  return int(b0 + (usable_gib - t0) / slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,12 +576,12 @@ def _with_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_collec
 def _compile_train(config, devices, plan: preflight.Plan, usable: Optional[float]):
   programs = build_programs(config, devices)
   train_batch, _ = _abstract_batches(config, programs.mesh, config.batch_size, 1)
-  import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
   _progress(f'compiling the train step: batch {config.batch_size} ({plan.train_batch_per_shard} '
             f'per data shard), {tuple(config.dataset.crop_size)} crops ...')
   with jax.set_mesh(programs.mesh), sharding.axis_rules():
     report = compile_step(programs.train_step, (programs.state, train_batch), usable)
+  report.state_gib = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                         for x in jax.tree.leaves(programs.state)) / GIB
   _progress(f'  compiled in {report.compile_s:.1f} s'
             + (f', {report.total_gib:.2f} GiB per chip' if report.total_gib else '')
             + ('' if report.fits else ': does not fit'))
@@ -588,9 +589,6 @@ def _compile_train(config, devices, plan: preflight.Plan, usable: Optional[float
 
 
 def _compile_eval(config, programs: Programs, plan: preflight.Plan, usable: Optional[float]):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
   _, eval_batch = _abstract_batches(config, programs.mesh, 1, plan.eval_batch_size)
   k = config.dataset.num_classes
   confusion = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=sharding.replicated(programs.mesh))
@@ -642,17 +640,17 @@ def _find_max_batch(config, devices, plan: preflight.Plan, first: StepReport,
   shards = plan.batch_shards
   unit = int(config.optim.grad_accum_steps)
 
-  def fits(per_shard: int) -> Optional[float]:
+  def measure(per_shard: int) -> tuple:
     candidate = _with_batch(config, per_shard * shards)
     preflight.check(candidate, num_devices=len(devices), process_count=1)
     _, report = _compile_train(candidate, devices, dataclasses.replace(
         plan, train_batch_per_shard=per_shard), usable)
-    return report.total_gib if report.fits else None
+    return report.total_gib, report.fits
 
-  known = first.total_gib if first.fits else None
-  best, log = search_max_batch(fits, plan.train_batch_per_shard, known, usable, unit)
+  best, log = search_max_batch(measure, plan.train_batch_per_shard,
+                               (first.total_gib, first.fits), usable, unit)
   return {'per_shard': best, 'global': best * shards,
-          'compiles': [[b, log[b]] for b in sorted(log)]}
+          'compiles': [[b, total, fits] for b, (total, fits) in sorted(log.items())]}
 
 
 def _host_memory_gib() -> float:
@@ -699,10 +697,25 @@ def format_report(result: dict, chip: Optional[Chip]) -> str:
   return '\n'.join(lines)
 
 
-def does_not_fit(result: dict, chip: Optional[Chip]) -> Optional[str]:
-  """The one-line error for a step that does not fit, naming what to change; None if both do."""
+def _mesh_text(mesh: dict) -> str:
+  return ','.join(f'{axis}:{size}' for axis, size in mesh.items() if size > 1) or 'data:1'
+
+
+def does_not_fit(result: dict, chip: Optional[Chip],
+                 usable_fraction: float = 0.5) -> Optional[str]:
+  """The one-line error for a step that does not fit, naming what to change; None if both do.
+
+  When the train state alone takes more than `usable_fraction` of the memory, the advice is to
+  shard it; otherwise to shrink the batch.
+  """
   where = (f'the {chip.usable_hbm_gib:g} GiB a {chip.generation} chip offers' if chip else
            'this host\'s memory per device')
+  train = result['train']
+  if not train['fits'] and train['state_gib'] > usable_fraction * result['usable_hbm_gib']:
+    return (f'the train step does not fit in {where}: the parameters and optimizer state alone '
+            f'take {train["state_gib"]:.2f} GiB per chip on config.mesh='
+            f'{_mesh_text(result["mesh"])!r}; shard them over the chips with an fsdp axis '
+            "(e.g. config.mesh='fsdp:-1'), or use a larger slice.")
   for name, fixes in (
       ('train', 'lower config.batch_size (--find_max_batch finds the largest), or set '
                 'config.model.remat=True or config.optim.grad_accum_steps, or use more chips'),
@@ -714,7 +727,7 @@ def does_not_fit(result: dict, chip: Optional[Chip]) -> Optional[str]:
       return (f'the {name} step needs {need} per chip, more than {where} (batch '
               f'{step["batch_size"]}, {step["batch_per_shard"]} per data shard): {fixes}.')
   if 'max_batch' in result and result['max_batch']['per_shard'] == 0:
-    smallest = min(b for b, _ in result['max_batch']['compiles'])
+    smallest = min(b for b, _, _ in result['max_batch']['compiles'])
     return (f'no train batch fits: even {smallest} example(s) per data shard need more than '
             f'{where}; set config.model.remat=True or use more chips.')
   return None
@@ -728,7 +741,6 @@ def main(argv) -> None:
     raise app.UsageError('Pass --config=configs/<name>.py.')
   try:
     target = parse_topology(flags.FLAGS['topology'].value)
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_platforms', 'cpu')  # compiles for the target; runs nothing
     if target.chip is None:
       jax.config.update('jax_num_cpu_devices', target.chips)
