@@ -4,7 +4,7 @@ r"""Compile a run's train and eval steps for a TPU slice you do not have: memory
       --config.batch_size=16
   python -m segvit_jax.compile --config=configs/ade20k_base.py --topology=v5litepod-4 --json
   python -m segvit_jax.compile --config=configs/ade20k_large.py --topology=v5litepod-16 \
-      --find_max_batch
+      --find_max_batch --train_only
 
 --topology is a Cloud TPU type as gcloud names it (v4-8 ... v4-4096 and v5p-8 ... count
 TensorCores, two per chip; v5litepod-1 ... -256 and v6e-1 ... -256 count chips), libtpu's own
@@ -400,8 +400,10 @@ class StepReport:
   flops: Optional[float] = None  # loop-aware XLA count
   bytes: Optional[float] = None  # HBM bytes accessed, loop-aware
   model_flops: Optional[float] = None  # the work the step does for the model, x 3 for train
-  roofline_step_s: Optional[float] = None
+  roofline_step_s: Optional[float] = None  # max(compute_s, memory_s)
   roofline_mfu: Optional[float] = None
+  compute_s: Optional[float] = None  # max(flops, model_flops) / peak FLOP/s
+  memory_s: Optional[float] = None  # bytes / HBM bandwidth
   bound: Optional[str] = None  # 'compute' or 'memory'
   custom_calls: tuple = ()  # custom-call targets in the program (Pallas: 'tpu_custom_call')
   state_gib: Optional[float] = None  # train: parameters + optimizer state per chip
@@ -450,10 +452,10 @@ def add_roofline(report: StepReport, model_flops: float, chip: Optional[Chip]) -
   report.model_flops = model_flops
   if chip is None or report.flops is None:
     return
-  compute_s = max(report.flops, model_flops) / chip.peak_flops
-  memory_s = report.bytes / chip.hbm_bytes_per_s
-  report.roofline_step_s = max(compute_s, memory_s)
-  report.bound = 'compute' if compute_s >= memory_s else 'memory'
+  report.compute_s = max(report.flops, model_flops) / chip.peak_flops
+  report.memory_s = report.bytes / chip.hbm_bytes_per_s
+  report.roofline_step_s = max(report.compute_s, report.memory_s)
+  report.bound = 'compute' if report.compute_s >= report.memory_s else 'memory'
   report.roofline_mfu = model_flops / chip.peak_flops / report.roofline_step_s
 
 
@@ -605,19 +607,24 @@ def _compile_eval(config, programs: Programs, plan: preflight.Plan, usable: Opti
   return report
 
 
-def analyse(config: ml_collections.ConfigDict, target: Target, *,
+def analyse(config: ml_collections.ConfigDict, target: Target, *, with_eval: bool = True,
             find_max_batch: bool = False) -> dict:
-  """Checks, compiles and measures `config` on `target`: the --json object (see module doc)."""
+  """Checks, compiles and measures `config` on `target`: the --json object (see module doc).
+
+  `with_eval=False` compiles the train step only ('eval' is then None).
+  """
   plan = preflight.check(config, num_devices=target.chips, process_count=target.processes)
   devices = target_devices(target)
   chip = target.chip
   usable = chip.usable_hbm_gib if chip else _host_memory_gib() / target.chips
   programs, train = _compile_train(config, devices, plan, usable)
-  evaluation = _compile_eval(config, programs, plan, usable)
   train_flops, eval_flops = model_flops_per_chip(
       config, target.chips, train_batch=config.batch_size, eval_batch=plan.eval_batch_size)
   add_roofline(train, train_flops, chip)
-  add_roofline(evaluation, eval_flops, chip)
+  evaluation = None
+  if with_eval:
+    evaluation = _compile_eval(config, programs, plan, usable)
+    add_roofline(evaluation, eval_flops, chip)
   result = {
       'topology': target.name, 'chips': target.chips, 'processes': target.processes,
       'device_kind': devices[0].device_kind,
@@ -627,8 +634,9 @@ def analyse(config: ml_collections.ConfigDict, target: Target, *,
       'mesh': plan.mesh, 'attention': programs.attention,
       'train': {'batch_size': int(config.batch_size),
                 'batch_per_shard': plan.train_batch_per_shard, **dataclasses.asdict(train)},
-      'eval': {'batch_size': plan.eval_batch_size, 'batch_per_shard': plan.eval_batch_per_shard,
-               **dataclasses.asdict(evaluation)},
+      'eval': evaluation and {'batch_size': plan.eval_batch_size,
+                              'batch_per_shard': plan.eval_batch_per_shard,
+                              **dataclasses.asdict(evaluation)},
   }
   if find_max_batch:
     result['max_batch'] = _find_max_batch(config, devices, plan, train, usable)
@@ -661,23 +669,38 @@ def _host_memory_gib() -> float:
 # Command line.
 
 
+def _si(value: float, unit: str) -> str:
+  """1.2e12, 'FLOP' -> '1.20 TFLOP'."""
+  for scale, prefix in ((1e15, 'P'), (1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(value) >= scale:
+      return f'{value / scale:.2f} {prefix}{unit}'
+  return f'{value:.0f} {unit}'
+
+
+def _seconds(value: float) -> str:
+  return f'{value:.2f} s' if value >= 1 else f'{value * 1e3:.3g} ms'
+
+
+def _gib(value: float) -> str:
+  return f'{value:.2f} GiB' if value >= 0.1 else f'{value * 1024:.1f} MiB'
+
+
 def _fmt_step(name: str, step: dict, chip: Optional[Chip]) -> list:
   lines = [f'{name} step (batch {step["batch_size"]}, {step["batch_per_shard"]} per data shard), '
            f'compiled in {step["compile_s"]:.1f} s:']
   if step['argument_gib'] is None:
     lines.append(f'  does not fit: {step["error"]}')
     return lines
-  limit = f'{step["total_gib"]:.2f} GiB per chip'
-  if chip:
-    limit += f' of {chip.usable_hbm_gib:g} usable ({chip.hbm_gib:g} GiB HBM)'
-  lines.append(f'  memory: arguments {step["argument_gib"]:.2f} + temporaries '
-               f'{step["temp_gib"]:.2f} GiB, total {limit}: '
+  limit = f' of {chip.usable_hbm_gib:g} GiB usable ({chip.hbm_gib:g} GiB HBM)' if chip else ''
+  lines.append(f'  memory per chip: arguments {_gib(step["argument_gib"])} + temporaries '
+               f'{_gib(step["temp_gib"])}, total {_gib(step["total_gib"])}{limit}: '
                f'{"fits" if step["fits"] else "DOES NOT FIT"}')
-  lines.append(f'  per chip per step: {step["flops"] / 1e12:.3f} TFLOP (model '
-               f'{step["model_flops"] / 1e12:.3f}), {step["bytes"] / 1e9:.2f} GB of HBM traffic')
+  lines.append(f'  per chip per step: {_si(step["flops"], "FLOP")} (model '
+               f'{_si(step["model_flops"], "FLOP")}), {_si(step["bytes"], "B")} of HBM traffic')
   if step['roofline_step_s'] is not None:
-    lines.append(f'  roofline: step >= {step["roofline_step_s"] * 1e3:.2f} ms ({step["bound"]} '
-                 f'bound), MFU <= {100 * step["roofline_mfu"]:.1f}%')
+    lines.append(f'  roofline: step >= {_seconds(step["roofline_step_s"])}, {step["bound"]} bound '
+                 f'(compute {_seconds(step["compute_s"])}, HBM {_seconds(step["memory_s"])} at '
+                 f'the peaks above): MFU <= {100 * step["roofline_mfu"]:.1f}%')
   return lines
 
 
@@ -689,7 +712,9 @@ def format_report(result: dict, chip: Optional[Chip]) -> str:
     lines.append(f'peaks per chip: {chip.peak_flops / 1e12:g} TFLOP/s bf16, '
                  f'{chip.hbm_bytes_per_s / 1e12:g} TB/s HBM, {chip.hbm_gib:g} GiB HBM '
                  f'({chip.usable_hbm_gib:g} usable)')
-  lines += _fmt_step('train', result['train'], chip) + _fmt_step('eval', result['eval'], chip)
+  for name in ('train', 'eval'):
+    if result[name] is not None:
+      lines += _fmt_step(name, result[name], chip)
   if 'max_batch' in result:
     best = result['max_batch']
     lines.append(f'largest train batch that fits: {best["per_shard"]} per data shard '
@@ -722,7 +747,7 @@ def does_not_fit(result: dict, chip: Optional[Chip],
       ('eval', 'lower config.eval.batch_size or config.dataset.eval_pad_size, or use more '
                'chips')):
     step = result[name]
-    if not step['fits']:
+    if step is not None and not step['fits']:
       need = f'{step["total_gib"]:.2f} GiB' if step['total_gib'] else 'more'
       return (f'the {name} step needs {need} per chip, more than {where} (batch '
               f'{step["batch_size"]}, {step["batch_per_shard"]} per data shard): {fixes}.')
@@ -744,7 +769,8 @@ def main(argv) -> None:
     jax.config.update('jax_platforms', 'cpu')  # compiles for the target; runs nothing
     if target.chip is None:
       jax.config.update('jax_num_cpu_devices', target.chips)
-    result = analyse(config, target, find_max_batch=flags.FLAGS['find_max_batch'].value)
+    result = analyse(config, target, with_eval=not flags.FLAGS['train_only'].value,
+                     find_max_batch=flags.FLAGS['find_max_batch'].value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -767,6 +793,7 @@ def _define_flags() -> None:
                       '...), libtpu topology (v5e:4x4), or cpu:N.')
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the report.')
   flags.DEFINE_bool('find_max_batch', False, 'Also find the largest train batch that fits.')
+  flags.DEFINE_bool('train_only', False, 'Compile the train step only (no eval step).')
   flags.mark_flags_as_required(['config', 'topology'])
 
 

@@ -243,8 +243,6 @@ def eval_batch_size(config: ml_collections.ConfigDict, process_count: int,
 
   `batch_shards`: data x fsdp of the mesh; default from config.mesh over all devices.
   """
-  if int(config.eval.batch_size) <= 0:
-    raise UserError(f'config.eval.batch_size={config.eval.batch_size} must be positive.')
   if batch_shards is None:
     batch_shards = sharding.batch_shards(sharding.parse_mesh_spec(config.mesh, jax.device_count()))
   return sharding.padded_batch_size(int(config.eval.batch_size), batch_shards, process_count)
