@@ -569,6 +569,12 @@ def _progress(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+def _progress_done(report: StepReport) -> None:
+  memory = f', {_gib(report.total_gib)} per chip' if report.total_gib is not None else ''
+  _progress(f'  compiled in {report.compile_s:.1f} s{memory}'
+            + ('' if report.fits else ': does not fit'))
+
+
 def _with_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
@@ -584,9 +590,7 @@ def _compile_train(config, devices, plan: preflight.Plan, usable: Optional[float
     report = compile_step(programs.train_step, (programs.state, train_batch), usable)
   report.state_gib = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                          for x in jax.tree.leaves(programs.state)) / GIB
-  _progress(f'  compiled in {report.compile_s:.1f} s'
-            + (f', {report.total_gib:.2f} GiB per chip' if report.total_gib else '')
-            + ('' if report.fits else ': does not fit'))
+  _progress_done(report)
   return programs, report
 
 
@@ -601,9 +605,7 @@ def _compile_eval(config, programs: Programs, plan: preflight.Plan, usable: Opti
             f'call(s) per image ({config.eval.mode}) ...')
   with jax.set_mesh(programs.mesh), sharding.axis_rules():
     report = compile_step(programs.eval_step, (variables, eval_batch, confusion), usable)
-  _progress(f'  compiled in {report.compile_s:.1f} s'
-            + (f', {report.total_gib:.2f} GiB per chip' if report.total_gib else '')
-            + ('' if report.fits else ': does not fit'))
+  _progress_done(report)
   return report
 
 
