@@ -680,7 +680,9 @@ def _si(value: float, unit: str) -> str:
 
 
 def _seconds(value: float) -> str:
-  return f'{value:.2f} s' if value >= 1 else f'{value * 1e3:.3g} ms'
+  if value >= 1:
+    return f'{value:.2f} s'
+  return f'{value * 1e3:.3g} ms' if value >= 1e-3 else f'{value * 1e6:.3g} us'
 
 
 def _gib(value: float) -> str:
