@@ -9,8 +9,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # The pinned requirements `make` installs: the package's, PyTorch (converter, parity tests) and the
-# test tools. An environment that also compiles for TPUs adds requirements-tpu.txt here.
+# test tools.
 REQUIREMENTS := requirements.txt requirements-torch.txt requirements-test.txt
+# libtpu (requirements-tpu.txt, 684 MB) in a directory of its own: only the test processes that
+# compile for TPU topologies put it on their path (tests/test_compile.py); CPU runs never load it.
+LIBTPU := .libtpu
+LIBTPU_STAMP := $(LIBTPU)/.installed
 
 .PHONY: demo test clean-venv
 
@@ -21,11 +25,15 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+$(LIBTPU_STAMP): requirements-tpu.txt | $(STAMP)
+	$(PY) -m pip install --quiet --upgrade --target=$(LIBTPU) -r requirements-tpu.txt
+	touch $(LIBTPU_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m segvit_jax.main --config=configs/synthetic.py --workdir=$(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(LIBTPU_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LIBTPU)

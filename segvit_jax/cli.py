@@ -162,6 +162,8 @@ def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
+    from segvit_jax import platforms  # pylint: disable=g-import-not-at-top
+    platforms.skip_absent_tpu()
     try:
       status = main(argv)
     except UserError as e:

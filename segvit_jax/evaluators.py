@@ -4,9 +4,10 @@
     config.evals.figure = dict(type='figure', every_steps=-1, num_images=4)  # predictions.png
 
 `every_steps`: N > 0 runs after every N-th step and after the last one; -1 only after the last
-step; 0 never during training (--mode=eval runs every entry once). Scalars go to the metric writers prefixed by the entry's name ('val/miou',
-'val/iou/<class>'); the first 'miou' entry's mIoU picks the best checkpoint and fills
-final_metrics.json. Inference follows `config.eval` (sliding window or whole image, TTA).
+step; 0 never during training (--mode=eval runs every entry once). Scalars go to the metric
+writers prefixed by the entry's name ('val/miou', 'val/iou/<class>'); the first 'miou' entry's
+mIoU picks the best checkpoint and fills final_metrics.json. Inference follows `config.eval`
+(sliding window or whole image, TTA).
 """
 
 import dataclasses
@@ -32,10 +33,12 @@ PyTree = Any
 
 
 def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-  """The eval split as global batches (this process's shard of every batch)."""
+  """The eval split as global batches (this process's shard of every batch), each padded up to
+  a multiple of the mesh's batch shards."""
   from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   ds = input_pipeline.create_eval_dataset(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      batch_shards=mesh.shape['data'] * mesh.shape['fsdp'])
   return input_pipeline.global_batches(ds, mesh)
 
 
@@ -44,14 +47,20 @@ def _inference_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(test_img_scale=tuple(d.test_img_scale), test_min_size=int(d.test_min_size))
 
 
+def make_eval_step(model, config: ml_collections.ConfigDict) -> Callable[..., Any]:
+  """`evaluate.make_eval_step` for the run's inference settings: (variables, batch, conf) ->
+  conf."""
+  return evaluate.make_eval_step(model, config.eval, config.dataset.num_classes,
+                                 **_inference_kwargs(config))
+
+
 class MiouEvaluator:
   """mIoU, mAcc, aAcc and per-class IoU / accuracy over the eval split, as mmseg computes them."""
 
   def __init__(self, model, config: ml_collections.ConfigDict, mesh: Mesh):
     self._config, self._mesh = config, mesh
     self._names = visualize.classes(config).names
-    self._step = evaluate.make_eval_step(model, config.eval, config.dataset.num_classes,
-                                         **_inference_kwargs(config))
+    self._step = make_eval_step(model, config)
 
   def run(self, params: PyTree) -> dict[str, Any]:
     """`evaluate.evaluate`'s dict plus 'seconds'."""

@@ -14,7 +14,9 @@ epoch before the augmentation stage. The price is that every host reads (not dec
 record; sources yield encoded image / label bytes where they can, decoded only after the shuffle,
 the skip and the host's selection (`decode_example`), so the shuffle buffer holds encoded examples.
 
-Eval (`create_eval_dataset`): finite, host batches of config.eval.batch_size // process_count
+Eval (`create_eval_dataset`): finite, host batches of b = B // process_count, where B is
+config.eval.batch_size rounded up to a multiple of the mesh's batch shards (data x fsdp) and of the
+process count (`sharding.padded_batch_size`), so that any eval batch size works on any mesh:
   {'image': (b, Hb, Wb, 3) float32, test-resized, normalised, 0-padded to dataset.eval_pad_size;
    'image_size': (b, 2) int32 resized (h, w); 'scaled_size': (b, len(config.eval.scales), 2) int32
    resized (h, w) at each test ratio; 'label': (b, Hl, Wl) int32 original resolution,
@@ -38,6 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segvit_jax import augment
 from segvit_jax import mmseg_rules
+from segvit_jax import sharding
+from segvit_jax.errors import UserError
 
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'validation'
@@ -55,7 +59,7 @@ def _default_source_fn() -> SourceFn:
 def host_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
   """global / process_count, with an error naming the config key when it does not divide."""
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'{what}={global_batch_size} must be a positive multiple of the number of '
+    raise UserError(f'{what}={global_batch_size} must be a positive multiple of the number of '
                      f'processes ({process_count}).')
   return global_batch_size // process_count
 
@@ -166,17 +170,16 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
 
 
 def eval_pad_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], tuple[int, int]]:
-  """The static (h, w) buckets of eval images (resized) and labels (original size)."""
+  """The static (h, w) buckets of eval images (resized) and labels (original size).
+
+  Their values are checked against the model (patch size) by `segvit_jax.preflight`.
+  """
   d = config.dataset
   image = tuple(int(s) for s in d.eval_pad_size)
   label = tuple(int(s) for s in d.eval_label_pad_size)
   for key, size in (('eval_pad_size', image), ('eval_label_pad_size', label)):
     if len(size) != 2 or min(size) <= 0:
-      raise ValueError(f'config.dataset.{key}={size} must be a positive (h, w).')
-  patch = int(config.model.get('patch_size', 16))
-  if image[0] % patch or image[1] % patch:
-    raise ValueError(f'config.dataset.eval_pad_size={image} must be multiples of the patch size '
-                     f'config.model.patch_size={patch}.')
+      raise UserError(f'config.dataset.{key}={size} must be a positive (h, w).')
   return image, label
 
 
@@ -247,12 +250,28 @@ def eval_shard_sizes(config: ml_collections.ConfigDict, process_count: int,
   return sizes
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, process_count: int,
+                    batch_shards: Optional[int] = None) -> int:
+  """The global eval batch: config.eval.batch_size rounded up to the shards and processes.
+
+  `batch_shards`: data x fsdp of the mesh; default from config.mesh over all devices.
+  """
+  if batch_shards is None:
+    batch_shards = sharding.batch_shards(sharding.parse_mesh_spec(config.mesh, jax.device_count()))
+  return sharding.padded_batch_size(int(config.eval.batch_size), batch_shards, process_count)
+
+
 def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
-                        process_count: int,
+                        process_count: int, batch_shards: Optional[int] = None,
                         source_fn: Optional[SourceFn] = None) -> tf.data.Dataset:
-  """Finite dataset of this host's eval batches; the same number of batches on every host."""
+  """Finite dataset of this host's eval batches; the same number of batches on every host.
+
+  `batch_shards`: data x fsdp of the mesh the batches go to (default: config.mesh over all
+  devices); the global batch is `eval_batch_size(config, process_count, batch_shards)`.
+  """
   d = config.dataset
-  local_batch = host_batch_size(config.eval.batch_size, process_count, 'config.eval.batch_size')
+  global_batch = eval_batch_size(config, process_count, batch_shards)
+  local_batch = host_batch_size(global_batch, process_count, 'config.eval.batch_size')
   pad_size, label_pad_size = eval_pad_sizes(config)
   source_fn = source_fn or _default_source_fn()
   sizes = eval_shard_sizes(config, process_count, source_fn)

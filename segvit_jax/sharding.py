@@ -7,12 +7,14 @@ fsdp along their 'embed' dimension (ZeRO-3 style) and over model along 'mlp' / '
 (Megatron style). Dimensions that a mesh axis does not divide stay replicated.
 """
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from segvit_jax.errors import UserError
 
 PyTree = Any
 
@@ -49,40 +51,56 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
   """'data:4,model:2' -> {'data': 4, 'fsdp': 1, 'model': 2} for `num_devices` devices.
 
   At most one axis may be -1: it takes the devices the others leave. The product must equal
-  `num_devices`.
+  `num_devices`. A spec that cannot work raises UserError naming config.mesh.
   """
+  def fail(message):
+    raise UserError(f'config.mesh={spec!r}: {message}')
+
   sizes = {axis: 1 for axis in MESH_AXES}
   seen = set()
   for part in [p.strip() for p in spec.split(',') if p.strip()]:
     name, sep, size = part.partition(':')
     name = name.strip()
     if not sep or name not in MESH_AXES:
-      raise ValueError(
-          f'config.mesh={spec!r}: {part!r} is not "axis:size" with axis in {MESH_AXES}.')
+      fail(f'{part!r} is not "axis:size" with axis in {MESH_AXES}; e.g. \'data:-1\'.')
     if name in seen:
-      raise ValueError(f'config.mesh={spec!r} names axis {name!r} twice.')
+      fail(f'names axis {name!r} twice.')
     seen.add(name)
     try:
       sizes[name] = int(size)
     except ValueError:
-      raise ValueError(f'config.mesh={spec!r}: size {size!r} of {name!r} is not an integer.')
+      fail(f'size {size.strip()!r} of {name!r} is not an integer.')
     if sizes[name] == 0 or sizes[name] < -1:
-      raise ValueError(f'config.mesh={spec!r}: size of {name!r} must be positive or -1.')
+      fail(f'size of {name!r} must be positive or -1.')
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f'config.mesh={spec!r}: only one axis may be -1, got {free}.')
-  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    fail(f'only one axis may be -1, got {free}.')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(
-          f'config.mesh={spec!r}: the fixed axes use {fixed} devices, which does not divide the '
-          f'{num_devices} available.')
+      fail(f'the fixed axes use {fixed} devices, which does not divide the {num_devices} '
+           f'available; use sizes whose product divides {num_devices}.')
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(
-        f'config.mesh={spec!r} uses {fixed} devices but {num_devices} are available; use -1 for '
-        'one axis to take the rest.')
+    fail(f'uses {fixed} devices but {num_devices} are available; use -1 for one axis to take '
+         "the rest (e.g. 'data:-1').")
   return sizes
+
+
+def batch_shards(mesh_sizes: dict[str, int]) -> int:
+  """How many ways the batch is split: data x fsdp."""
+  return math.prod(mesh_sizes[a] for a in BATCH_AXES)
+
+
+def padded_batch_size(batch_size: int, num_shards: int, process_count: int = 1) -> int:
+  """`batch_size` rounded up to a multiple of the batch shards and of the process count.
+
+  Evaluation batches have this size (the last one padded with valid=False rows): every device
+  gets ceil(batch_size / num_shards) examples, as it would with rows of padding in every batch,
+  and the metrics do not depend on how examples are grouped into batches.
+  """
+  multiple = math.lcm(num_shards, process_count)
+  return -(-batch_size // multiple) * multiple
 
 
 def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -144,12 +162,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
-
-def batch_size_per_shard(global_batch: int, mesh: Mesh) -> int:
-  """The per-shard batch; errors out when the data x fsdp axes do not divide the global batch."""
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if global_batch % shards:
-    raise ValueError(
-        f'batch size {global_batch} is not divisible by data x fsdp = {shards} '
-        f'(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh.')
-  return global_batch // shards

@@ -45,8 +45,8 @@ from segvit_jax import evaluators as evaluators_lib
 from segvit_jax import fileio
 from segvit_jax import losses
 from segvit_jax import optim
+from segvit_jax import preflight
 from segvit_jax import sharding
-from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
 PyTree = Any
@@ -392,10 +392,8 @@ def setup(config: ml_collections.ConfigDict,
   """Mesh over `devices` (default: all), model, optimizer and the state layout; allocates
   nothing."""
   jax.config.update('jax_threefry_partitionable', True)
-  if config.model.num_classes != config.dataset.num_classes:
-    raise UserError(
-        f'config.model.num_classes={config.model.num_classes} differs from '
-        f'config.dataset.num_classes={config.dataset.num_classes}; set both to the dataset\'s K.')
+  preflight.check(config, num_devices=len(devices) if devices is not None else jax.device_count(),
+                  process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
   model = segvit.build_model(config.model)
   tx, schedule = optim.make_optimizer(config)

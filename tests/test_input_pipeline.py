@@ -263,6 +263,26 @@ def test_eval_num_examples_limit():
   assert len(batches) == 1 and batches[0]['valid'].tolist() == [True, True]
 
 
+def test_eval_batch_is_rounded_up_to_the_batch_shards():
+  # config.eval.batch_size=5 on data x fsdp = 4 shards and 2 hosts: global batches of 8, 4 rows
+  # per host; every example once, the rest padding rows with valid=False.
+  config = small_config()
+  config.eval.batch_size = 5
+  assert input_pipeline.eval_batch_size(config, 2, batch_shards=4) == 8
+  assert input_pipeline.eval_batch_size(config, 1) == 5  # config.mesh over this 1 device
+  ids, counts = [], []
+  for host in range(2):
+    ds = input_pipeline.create_eval_dataset(config, process_index=host, process_count=2,
+                                            batch_shards=4, source_fn=make_source_fn(11))
+    batches = list(ds.as_numpy_iterator())
+    counts.append(len(batches))
+    for batch in batches:
+      assert batch['image'].shape[0] == batch['valid'].shape[0] == 4
+      ids += _identify(batch['image'][batch['valid']])
+  assert counts == [2, 2]  # hosts hold 6 and 5 examples
+  assert sorted(ids) == list(range(11))
+
+
 def test_eval_too_large_fails_naming_the_file():
   config = small_config()
   config.dataset.eval_label_pad_size = (32, 64)  # example 2 is 34 px high

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from segvit_jax import sharding
+from segvit_jax.errors import UserError
 
 
 @pytest.mark.parametrize('spec,n,want', [
@@ -32,8 +33,9 @@ def test_parse_mesh_spec(spec, n, want):
     ('data:0', 8, 'positive'),
 ])
 def test_parse_mesh_spec_errors(spec, n, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message) as error:
     sharding.parse_mesh_spec(spec, n)
+  assert str(error.value).startswith(f'config.mesh={spec!r}: ') and '\n' not in str(error.value)
 
 
 def test_make_mesh_has_all_axes_auto():
@@ -86,6 +88,13 @@ def test_logical_to_shardings_on_boxed_tree():
   assert shardings['ln1']['scale'].spec == P()
 
 
-def test_batch_size_per_shard():
-  mesh = sharding.make_mesh('data:1', jax.devices()[:1])
-  assert sharding.batch_size_per_shard(8, mesh) == 8
+def test_batch_shards_are_data_times_fsdp():
+  assert sharding.batch_shards({'data': 2, 'fsdp': 4, 'model': 2}) == 8
+  assert sharding.batch_shards(sharding.parse_mesh_spec('model:2,data:-1', 8)) == 4
+
+
+@pytest.mark.parametrize('batch,shards,processes,want', [
+    (20, 8, 1, 24), (8, 16, 4, 16), (16, 16, 4, 16), (1, 1, 1, 1), (5, 4, 2, 8), (7, 2, 3, 12),
+])
+def test_padded_batch_size(batch, shards, processes, want):
+  assert sharding.padded_batch_size(batch, shards, processes) == want
