@@ -109,7 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.decoder_dropout = 0.1
   m.num_classes = 150
   m.dtype = 'float32'  # compute dtype; parameters stay float32. 'bfloat16' for mixed precision.
-  m.remat = False  # rematerialise backbone blocks in the backward pass
+  m.remat = 'none'  # backbone blocks in the backward pass: 'none', 'full' (recompute) or 'dots'
+  m.attention = 'auto'  # 'auto' (by the devices' platform), 'xla', 'per_head', 'pallas_tpu', 'cudnn'
+  m.scan_unroll = 1  # backbone blocks per iteration of each scanned segment
   vit_large(m)
 
   config.loss = ml_collections.ConfigDict()

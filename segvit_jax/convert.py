@@ -49,6 +49,7 @@ from segvit_jax import config_base
 from segvit_jax import fileio
 from segvit_jax import resize
 from segvit_jax.models import segvit
+from segvit_jax.models import vit
 
 Shape = Tuple[int, ...]
 FORMAT = 'segvit_jax.convert/1'
@@ -774,11 +775,14 @@ def convert_checkpoint(path: str, config=None, allow_pickle: bool = False):
   except ValueError as e:
     raise ConversionError(f'{origin}: {e}') from e
   model, abstract = abstract_variables(config.model)
-  params, report = convert_state_dict(state, abstract['params'], config.model.name)
+  # The key table names one block per official layer; the model stacks them per segment.
+  per_block = vit.unstack_blocks_in(abstract['params'], config.model)
+  params, report = convert_state_dict(state, per_block, config.model.name)
   error = report.error()
   if error:
     raise ConversionError(f'{path} does not fit the model of {origin} '
                           f'({config.model.name}):\n{error}')
+  params = vit.stack_blocks_in(params, config.model)
   eos = _no_object_weight(state, config.model.name)
   if eos is not None:
     config.loss.no_object_weight = eos
@@ -956,8 +960,8 @@ def load_pretrained_backbone(params, path: str, model_config: ml_collections.Con
   state, rules, ignored = _read_backbone_file(path)
   backbone = jax.tree.map(_leaf_value, params['backbone'],
                           is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  abstract = {'backbone': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       backbone)}
+  abstract = {'backbone': vit.unstack_blocks(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone), model_config)}
   grid = (model_config.img_size[0] // model_config.patch_size,
           model_config.img_size[1] // model_config.patch_size)
   pos_keys = ('Transformer/posembed_input/pos_embedding', 'pos_embed')
@@ -976,8 +980,9 @@ def load_pretrained_backbone(params, path: str, model_config: ml_collections.Con
     raise ConversionError(f'{path} does not fit the backbone of config.model '
                           f'(embed_dim {model_config.embed_dim}, depth {model_config.depth}, '
                           f'{model_config.num_heads} heads):\n{error}')
+  loaded_backbone = vit.stack_blocks(loaded['backbone'], model_config)
   flat_new = {'/'.join(str(k.key) for k in p): v
-              for p, v in jax.tree_util.tree_flatten_with_path(loaded['backbone'])[0]}
+              for p, v in jax.tree_util.tree_flatten_with_path(loaded_backbone)[0]}
 
   def replace(path, old):
     name = '/'.join(str(k.key) for k in path)
@@ -997,7 +1002,7 @@ def load_pretrained_backbone(params, path: str, model_config: ml_collections.Con
   head_size = sum(int(np.prod(_leaf_value(x).shape)) for x in jax.tree_util.tree_leaves(
       params.get('head', {}), is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)))
   lines = [f'Pretrained backbone from {path}:',
-           f'  loaded       {len(flat_new):4d} tensors  '
+           f'  loaded       {len(jax.tree_util.tree_leaves(loaded["backbone"])):4d} tensors  '
            f'{sum(int(v.size) for v in flat_new.values()):>12,d} params  (backbone)',
            f'  initialised  {head_count:4d} tensors  {head_size:>12,d} params  (head, fresh)',
            f'  ignored      {len(report.ignored):4d} tensors'] + [

@@ -19,6 +19,7 @@ import torch
 from segvit_jax import config_base
 from segvit_jax import convert
 from segvit_jax.models import segvit
+from segvit_jax.models import vit as jax_vit
 import torch_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def test_cli_reads_the_architecture_from_meta(files):
 
   # Layout spot checks against the official tensors.
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  p = leaves(variables['params'])
+  p = leaves(jax_vit.unstack_blocks_in(variables['params'], m))  # one 'block_{i}' per official layer
   np.testing.assert_array_equal(p['backbone/patch_embed/kernel'],
                                 sd['backbone.patch_embed.projection.weight'].transpose(2, 3, 1, 0))
   in_proj = sd['backbone.layers.2.attn.attn.in_proj_weight']  # rows [q; k; v], 4 heads of 16
@@ -324,18 +325,19 @@ def expected_backbone(vit):
   config = config_base.get_base_config()
   config.model.update(TINY)
   _, abstract = convert.abstract_variables(config.model)
+  per_block = jax_vit.unstack_blocks(abstract['params']['backbone'], config.model)
   params, report = convert.convert_state_dict(
-      sd, {'backbone': abstract['params']['backbone']}, 'segvit', rules=convert.backbone_rules())
+      sd, {'backbone': per_block}, 'segvit', rules=convert.backbone_rules())
   assert report.error() is None, report.error()
   return leaves(params['backbone'])
 
 
-def check_loaded(loaded, vit):
+def check_loaded(loaded, vit, model_config):
   want = expected_backbone(vit)
   assert isinstance(loaded['head']['class_embed']['kernel'], nn.Partitioned)
   head = leaves(nn.unbox(loaded['head']))
   assert all(np.all(v == 0.5) for v in head.values()), 'the head must keep its initialisation'
-  got = leaves(nn.unbox(loaded['backbone']))
+  got = leaves(jax_vit.unstack_blocks(nn.unbox(loaded['backbone']), model_config))
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2e-6, err_msg=k)
@@ -369,7 +371,8 @@ def test_augreg_npz_backbone_with_position_grid_resize(tmp_path, caplog):
   path = tmp_path / 'L_16-i21k-tiny.npz'
   np.savez(path, **npz)
   caplog.set_level('INFO')
-  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit)
+  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit,
+               config.model)
   table = caplog.text
   assert 'loaded         68 tensors' in table and '(head, fresh)' in table
   assert 'ignored         4 tensors' in table and 'head/kernel (64, 10): ImageNet classifier' in table
@@ -381,7 +384,8 @@ def test_mmseg_vit_pth_backbone_with_position_grid_resize(tmp_path):
   sd['ln1.weight'], sd['ln1.bias'] = torch.ones(64), torch.zeros(64)  # the ignored final norm
   path = tmp_path / 'vit_tiny_p16_384.pth'
   torch.save(sd, path)
-  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit)
+  check_loaded(convert.load_pretrained_backbone(params, str(path), config.model), vit,
+               config.model)
 
 
 def test_pretrained_backbone_of_the_wrong_size(tmp_path):

@@ -32,6 +32,7 @@ class DecoderLayer(nn.Module):
   mlp_ratio: int = 4
   dropout_rate: float = 0.1
   standard_cross_attn: bool = False
+  attention: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -39,12 +40,12 @@ class DecoderLayer(nn.Module):
     d = t.shape[-1]
     dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
     attended, _ = layers.Attention(
-        self.num_heads, self.dropout_rate, kernel_init=in_proj_init, dtype=self.dtype,
-        name='self_attn')(t, t, deterministic)
+        self.num_heads, self.dropout_rate, kernel_init=in_proj_init, attention=self.attention,
+        dtype=self.dtype, name='self_attn')(t, t, deterministic)
     t = layers.layer_norm('norm1', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
     attended, mask_logits = layers.Attention(
         self.num_heads, self.dropout_rate, return_mask_logits=not self.standard_cross_attn,
-        dtype=self.dtype,
+        attention=self.attention, dtype=self.dtype,
         kernel_init=in_proj_init if self.standard_cross_attn else layers.trunc_normal_02,
         name='cross_attn')(t, memory, deterministic)
     t = layers.layer_norm('norm2', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
@@ -61,14 +62,15 @@ class Decoder(nn.Module):
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
   standard_cross_attn: bool = False
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, t, memory, deterministic: bool):
     outputs, masks = [], []
     for i in range(self.num_layers):
       t, mask = DecoderLayer(self.num_heads, dropout_rate=self.dropout_rate,
-                             standard_cross_attn=self.standard_cross_attn, dtype=self.dtype,
-                             name=f'layer_{i}')(t, memory, deterministic)
+                             standard_cross_attn=self.standard_cross_attn,
+                             attention=self.attention, dtype=self.dtype, name=f'layer_{i}')(t, memory, deterministic)
       outputs.append(t)
       masks.append(mask)
     return outputs, masks
@@ -105,6 +107,7 @@ class ATMHead(nn.Module):
   use_stages: int = 3
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray], *, train: bool) -> List[Tuple]:
@@ -117,7 +120,8 @@ class ATMHead(nn.Module):
       lateral = layers.dense(self.dim, f'input_proj_{s}', self.dtype, 'embed', 'mlp')(tokens)
       lateral = layers.layer_norm(f'proj_norm_{s}', HEAD_LN_EPS)(lateral).astype(self.dtype)
       outputs, masks = Decoder(self.num_layers, self.num_heads, self.dropout_rate, self.dtype,
-                               name=f'decoder_{s}')(queries, lateral, not train)
+                               attention=self.attention, name=f'decoder_{s}')(
+                                   queries, lateral, not train)
       queries = outputs[-1]
       mask_sum = mask_sum + mask_map(masks[-1], grid)
       predictions.append((classify(queries).astype(jnp.float32), mask_sum))
@@ -135,6 +139,7 @@ class ATMSingleHead(nn.Module):
   num_layers: int = 3
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, feature: jnp.ndarray, *, train: bool) -> List[Tuple]:
@@ -142,7 +147,8 @@ class ATMSingleHead(nn.Module):
     dim = memory.shape[-1]
     queries = class_queries(self, self.num_classes, dim, memory.shape[0], self.dtype)
     outputs, masks = Decoder(self.num_layers, self.num_heads, self.dropout_rate, self.dtype,
-                             name='decoder_1')(queries, memory, not train)
+                             attention=self.attention, name='decoder_1')(
+                                 queries, memory, not train)
     classify = class_head(self.num_classes, self.dtype)
     return [(classify(out).astype(jnp.float32), mask_map(mask, grid))
             for out, mask in zip(outputs, masks)]
