@@ -775,14 +775,14 @@ def convert_checkpoint(path: str, config=None, allow_pickle: bool = False):
   except ValueError as e:
     raise ConversionError(f'{origin}: {e}') from e
   model, abstract = abstract_variables(config.model)
-  # The key table names one block per official layer; the model stacks them per segment.
-  per_block = vit.unstack_blocks_in(abstract['params'], config.model)
-  params, report = convert_state_dict(state, per_block, config.model.name)
+  # The key table names one block / decoder layer per official layer; the model stacks them.
+  per_layer = segvit.unstack_params(abstract['params'], config.model)
+  params, report = convert_state_dict(state, per_layer, config.model.name)
   error = report.error()
   if error:
     raise ConversionError(f'{path} does not fit the model of {origin} '
                           f'({config.model.name}):\n{error}')
-  params = vit.stack_blocks_in(params, config.model)
+  params = segvit.stack_params(params, config.model)
   eos = _no_object_weight(state, config.model.name)
   if eos is not None:
     config.loss.no_object_weight = eos

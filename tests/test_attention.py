@@ -2,7 +2,6 @@
 Pallas TPU kernel inside a SegViT step compiled for a TPU topology."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,8 @@ def reference(q, k, v):
 
 def _inputs(nq, nk, dtype=jnp.float32, seed=0, heads=3, head_dim=8):
   rng = np.random.default_rng(seed)
-  q = rng.normal(0, 1.5, (2, nq, heads, head_dim))  # large logits: a peaked softmax tests the max shift
+  # Large logits: a peaked softmax tests the max shift.
+  q = rng.normal(0, 1.5, (2, nq, heads, head_dim))
   k = rng.normal(0, 1.5, (2, nk, heads, head_dim))
   v = rng.normal(size=(2, nk, heads, head_dim))
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))

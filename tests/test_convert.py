@@ -104,7 +104,7 @@ def test_cli_reads_the_architecture_from_meta(files):
 
   # Layout spot checks against the official tensors.
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  p = leaves(jax_vit.unstack_blocks_in(variables['params'], m))  # one 'block_{i}' per official layer
+  p = leaves(segvit.unstack_params(variables['params'], m))  # one subtree per official layer
   np.testing.assert_array_equal(p['backbone/patch_embed/kernel'],
                                 sd['backbone.patch_embed.projection.weight'].transpose(2, 3, 1, 0))
   in_proj = sd['backbone.layers.2.attn.attn.in_proj_weight']  # rows [q; k; v], 4 heads of 16

@@ -6,17 +6,20 @@ Outputs of every head here: a tuple of (class_logits (B, K, K+1), mask_logits (B
 one per prediction in order (the last is the final prediction, the others are auxiliary).
 """
 
-from typing import Any, List, Sequence, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from segvit_jax.models import layers
+from segvit_jax.models import stacking
 
 Dtype = Any
 HEAD_LN_EPS = 1e-5  # PyTorch's default, used by every LayerNorm in the heads.
 # PyTorch's default xavier-uniform on the stacked (3d, d) `in_proj_weight`: bound sqrt(6 / 4d).
 in_proj_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+STACKED = 'layers'  # the name of a decoder's scanned layers
 
 
 class DecoderLayer(nn.Module):
@@ -56,7 +59,12 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-  """A stack of `DecoderLayer`s. Returns the output of every layer and every layer's mask."""
+  """A stack of `DecoderLayer`s. Returns the output of every layer and every layer's mask.
+
+  The layers run as one `nn.scan` (one compiled layer, whatever `num_layers`): their params are
+  stacked under 'layers' with a leading 'layers' axis. The official checkpoints name one
+  'layer_{l}' per layer: `stack_layers` / `unstack_layers` convert between the two layouts.
+  """
   num_layers: int
   num_heads: int
   dropout_rate: float = 0.1
@@ -66,14 +74,63 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, t, memory, deterministic: bool):
-    outputs, masks = [], []
-    for i in range(self.num_layers):
-      t, mask = DecoderLayer(self.num_heads, dropout_rate=self.dropout_rate,
-                             standard_cross_attn=self.standard_cross_attn,
-                             attention=self.attention, dtype=self.dtype, name=f'layer_{i}')(t, memory, deterministic)
-      outputs.append(t)
-      masks.append(mask)
-    return outputs, masks
+    def body(layer, t, memory):
+      t, mask = layer(t, memory, deterministic)
+      return t, (t, mask)
+
+    scan = nn.scan(
+        body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+        in_axes=nn.broadcast, length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    layer = DecoderLayer(self.num_heads, dropout_rate=self.dropout_rate,
+                         standard_cross_attn=self.standard_cross_attn, attention=self.attention,
+                         dtype=self.dtype, name=STACKED)
+    _, (outputs, masks) = scan(layer, t, memory)
+    per_layer = lambda x: [None if x is None else x[i] for i in range(self.num_layers)]
+    return per_layer(outputs), per_layer(masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-layer layout of the official checkpoints and the converter's key tables.
+
+
+def _layer_keys(node) -> list:
+  return [k for k in node if isinstance(k, str) and re.fullmatch(r'layer_\d+', k)]
+
+
+def stack_layers(head: Mapping[str, Any]) -> Dict[str, Any]:
+  """Per-layer decoder params ('layer_{l}' subtrees, anywhere in a head tree) -> each
+  decoder's stacked 'layers'. Leaves: numpy / jax arrays or ShapeDtypeStructs."""
+  out = {}
+  for key, node in head.items():
+    if isinstance(node, Mapping) and _layer_keys(node):
+      rest = {k: v for k, v in node.items() if k not in _layer_keys(node)}
+      layers_ = [node[f'layer_{l}'] for l in range(len(_layer_keys(node)))]
+      node = {**rest, STACKED: stacking.stack(layers_)}
+    elif isinstance(node, Mapping):
+      node = stack_layers(node)
+    out[key] = node
+  return out
+
+
+def unstack_layers(head: Mapping[str, Any], num_layers: int) -> Dict[str, Any]:
+  """The inverse of `stack_layers` (`num_layers`: config.model.decoder_layers)."""
+  out = {}
+  for key, node in head.items():
+    if isinstance(node, Mapping) and isinstance(node.get(STACKED), Mapping):
+      node = {**{k: v for k, v in node.items() if k != STACKED},
+              **{f'layer_{l}': layer for l, layer in enumerate(
+                  stacking.unstack(node[STACKED], num_layers))}}
+    elif isinstance(node, Mapping):
+      node = unstack_layers(node, num_layers)
+    out[key] = node
+  return out
+
+
+def has_per_layer_layout(head: Mapping[str, Any]) -> bool:
+  """Whether a head tree (params or a checkpoint's metadata) names one 'layer_{l}' per layer."""
+  return any(isinstance(node, Mapping) and (bool(_layer_keys(node)) or has_per_layer_layout(node))
+             for node in head.values())
 
 
 def class_queries(module: nn.Module, num_classes: int, dim: int, batch: int, dtype) -> jnp.ndarray:

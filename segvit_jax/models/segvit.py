@@ -10,7 +10,7 @@ equal nor match `img_size`. On a mesh of several TPU devices, trace under `jax.s
 the Pallas attention kernel runs in a `shard_map` over that mesh.
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -144,6 +144,51 @@ def build_model(model_config: ml_collections.ConfigDict,
       model_config.get('attention', 'auto'), platform or jax.default_backend(),
       model_config.dtype)
   return SegViT(ml_collections.FrozenConfigDict(model_config), attention=attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter layouts: the model's stacked one and the official per-layer one.
+
+
+def _map_params(fn, tree):
+  """fn(mapping) on every {'backbone' / 'head': ...} mapping of a pytree (params, optimizer
+  moments, a whole train state); everything else unchanged."""
+  is_params = lambda x: isinstance(x, Mapping) and ('backbone' in x or 'head' in x)
+  return jax.tree.map(lambda x: fn(x) if is_params(x) else x, tree, is_leaf=is_params)
+
+
+def stack_params(tree, model_config: ml_collections.ConfigDict):
+  """Official layout (one 'block_{i}' per ViT block, one 'layer_{l}' per decoder layer, as the
+  converter's key tables and checkpoints written before the scans name them) -> the model's
+  stacked layout, on every params mapping in `tree`. Leaves: arrays or ShapeDtypeStructs."""
+  def one(params):
+    out = dict(params)
+    if isinstance(out.get('backbone'), Mapping):
+      out['backbone'] = vit.stack_blocks(out['backbone'], model_config)
+    if isinstance(out.get('head'), Mapping):
+      out['head'] = atm.stack_layers(out['head'])
+    return out
+  return _map_params(one, tree)
+
+
+def unstack_params(tree, model_config: ml_collections.ConfigDict):
+  """The inverse of `stack_params` (e.g. on the abstract target of a restore)."""
+  def one(params):
+    out = dict(params)
+    if isinstance(out.get('backbone'), Mapping):
+      out['backbone'] = vit.unstack_blocks(out['backbone'], model_config)
+    if isinstance(out.get('head'), Mapping):
+      out['head'] = atm.unstack_layers(out['head'], model_config.decoder_layers)
+    return out
+  return _map_params(one, tree)
+
+
+def has_unstacked_layout(params: Mapping[str, Any], model_config: ml_collections.ConfigDict
+                         ) -> bool:
+  """Whether a params mapping (or a checkpoint's metadata tree of one) is in the per-layer
+  layout: then restore into `unstack_params(target)` and `stack_params` the result."""
+  return (vit.has_per_block_layout(params.get('backbone', {}), model_config)
+          or atm.has_per_layer_layout(params.get('head', {})))
 
 
 def init_variables(model: SegViT, key: jax.Array) -> Dict[str, Any]:

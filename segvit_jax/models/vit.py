@@ -4,15 +4,14 @@ optional query-based down-sampling (QD) block of SegViT-Shrunk (reference 4.1).
 Input images are NHWC, normalised. The backbone returns the token maps tapped after the blocks in
 `out_indices`, each (B, h, w, D) with its own (h, w): 1/16 of the input, 1/32 after a QD block.
 
-Parameter layout: the taps and the QD block cut the blocks into segments of identical plain
-blocks, each run as one `nn.scan` whose parameters carry a leading 'layers' axis:
-'blocks_{first}_{last}' (inclusive). The QD block is a module of its own, 'block_{i}'. The
-official checkpoints and the key tables of `segvit_jax.convert` name one 'block_{i}' per
-block: `stack_blocks` / `unstack_blocks` convert between the two layouts.
+Parameter layout: each run of identical plain blocks is one `nn.scan` whose parameters carry a
+leading 'layers' axis, 'blocks_{first}_{last}' (inclusive): 'blocks_0_23' for ViT-L, and
+'blocks_0_7', 'block_8', 'blocks_9_23' around the QD block of SegViT-Shrunk, which is a module of
+its own. The official checkpoints and the key tables of `segvit_jax.convert` name one
+'block_{i}' per block: `stack_blocks` / `unstack_blocks` convert between the two layouts.
 """
 
 import dataclasses
-import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import numpy as np
 
 from segvit_jax import resize
 from segvit_jax.models import layers
+from segvit_jax.models import stacking
 
 Dtype = Any
 VIT_LN_EPS = 1e-6  # mmseg's ViT builds LN with eps 1e-6; the heads use PyTorch's 1e-5.
@@ -108,12 +108,14 @@ class Segment:
     return f'block_{self.start}' if self.shrink else f'blocks_{self.start}_{self.stop - 1}'
 
 
-def block_segments(depth: int, out_indices: Sequence[int],
-                   shrink_index: int = -1) -> Tuple[Segment, ...]:
-  """The blocks cut after every tap and around the QD block (`shrink_index` >= 0)."""
-  cuts = {depth} | {i + 1 for i in out_indices}
-  if shrink_index >= 0:
-    cuts |= {shrink_index, shrink_index + 1}
+def block_segments(depth: int, shrink_index: int = -1) -> Tuple[Segment, ...]:
+  """All blocks in one segment, or three around a QD block (`shrink_index` >= 0).
+
+  Taps do not cut the stack: a scan returns every block's output, and the taps are read from
+  those. One scan body per run of identical blocks is what keeps the compiled program (and its
+  compile time) from growing with the number of taps as well as with depth.
+  """
+  cuts = {depth} | ({shrink_index, shrink_index + 1} if shrink_index >= 0 else set())
   segments, start = [], 0
   for stop in sorted(c for c in cuts if 0 < c <= depth):
     segments.append(Segment(start, stop, shrink=start == shrink_index))
@@ -122,18 +124,23 @@ def block_segments(depth: int, out_indices: Sequence[int],
 
 
 def _run_segment(block: Block, segment: Segment, x, rates: Optional[np.ndarray], grid,
-                 deterministic: bool, remat: str, unroll: int):
-  """Runs `segment`'s blocks on x: one scan over its stacked params, or the QD block."""
+                 deterministic: bool, remat: str, unroll: int, keep_all: bool):
+  """Runs `segment`'s blocks on x: one scan over its stacked params, or the QD block.
+
+  Returns (x, outputs): `outputs` (n, B, N, D) holds every block's output when `keep_all`
+  (taps inside the segment), else None.
+  """
   policy = REMAT_POLICIES[remat]
   if segment.shrink:
     def apply(module, x, rate):
       return module(x, rate, grid, deterministic)
     if policy is not None:
       apply = nn.remat(apply, policy=policy)
-    return apply(block, x, None if rates is None else rates[segment.start])
+    return apply(block, x, None if rates is None else rates[segment.start]), None
 
   def body(module, x, rate):
-    return module(x, rate, grid, deterministic), None
+    x = module(x, rate, grid, deterministic)
+    return x, (x if keep_all else None)
 
   if policy is not None:
     body = nn.remat(body, policy=policy, prevent_cse=False)  # CSE cannot cross a scan step
@@ -142,7 +149,7 @@ def _run_segment(block: Block, segment: Segment, x, rates: Optional[np.ndarray],
       length=segment.stop - segment.start, unroll=unroll,
       metadata_params={nn.PARTITION_NAME: 'layers'})
   segment_rates = None if rates is None else jnp.asarray(rates[segment.start:segment.stop])
-  return scan(block, x, segment_rates)[0]
+  return scan(block, x, segment_rates)
 
 
 class VisionTransformer(nn.Module):
@@ -200,15 +207,16 @@ class VisionTransformer(nn.Module):
     rates = (np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
              if self.drop_path_rate > 0 else None)
     outputs = []
-    for segment in block_segments(self.depth, self.out_indices, self.shrink_index):
+    for segment in block_segments(self.depth, self.shrink_index):
       block = Block(self.num_heads, self.mlp_ratio, shrink=segment.shrink,
                     attention=self.attention, dtype=self.dtype, name=segment.name)
-      x = _run_segment(block, segment, x, rates, grid, not train, self.remat, self.scan_unroll)
+      taps = [i for i in self.out_indices if segment.start <= i < segment.stop]
+      x, every = _run_segment(block, segment, x, rates, grid, not train, self.remat,
+                              self.scan_unroll, keep_all=any(i < segment.stop - 1 for i in taps))
       grid = next_grid(grid, segment.shrink)
-      last = segment.stop - 1
-      if last in self.out_indices:
-        tap = layers.tokens_to_map(x, grid)
-        self.sow('intermediates', f'tap_{last}', tap)
+      for i in taps:
+        tap = layers.tokens_to_map(x if i == segment.stop - 1 else every[i - segment.start], grid)
+        self.sow('intermediates', f'tap_{i}', tap)
         outputs.append(tap)
     return tuple(outputs)
 
@@ -219,43 +227,21 @@ class VisionTransformer(nn.Module):
 
 def segments_of(model_config: ml_collections.ConfigDict) -> Tuple[Segment, ...]:
   shrink = model_config.shrink_index if model_config.name == 'segvit_shrunk' else -1
-  return block_segments(model_config.depth, tuple(model_config.out_indices), shrink)
-
-
-def _stack(leaves):
-  first = leaves[0]
-  if isinstance(first, jax.ShapeDtypeStruct):
-    sharding = getattr(first, 'sharding', None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      sharding = sharding.update(spec=jax.sharding.PartitionSpec(None, *sharding.spec))
-    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype, sharding=sharding)
-  if isinstance(first, np.ndarray):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
-
-
-def _unstack(stacked, n: int):
-  if isinstance(stacked, jax.ShapeDtypeStruct):
-    sharding = getattr(stacked, 'sharding', None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      sharding = sharding.update(spec=jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
-    return [jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)] * n
-  return [stacked[i] for i in range(n)]
+  return block_segments(model_config.depth, shrink)
 
 
 def stack_blocks(backbone: Mapping[str, Any],
                  model_config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Per-block backbone params ('block_{i}' subtrees) -> the model's stacked segments.
 
-  Leaves may be numpy or jax arrays or `jax.ShapeDtypeStruct`s (a NamedSharding gains a
-  replicated leading dimension); other entries (patch_embed, pos_embed, cls_token) pass through.
+  Leaves: numpy / jax arrays or ShapeDtypeStructs (see `models.stacking`); the other entries
+  (patch_embed, pos_embed, cls_token, the QD block) pass through.
   """
   out = dict(backbone)
   for segment in segments_of(model_config):
-    if segment.shrink:
-      continue
-    blocks = [out.pop(f'block_{i}') for i in range(segment.start, segment.stop)]
-    out[segment.name] = jax.tree.map(lambda *leaves: _stack(leaves), *blocks)
+    if not segment.shrink:
+      out[segment.name] = stacking.stack(
+          [out.pop(f'block_{i}') for i in range(segment.start, segment.stop)])
   return out
 
 
@@ -264,41 +250,15 @@ def unstack_blocks(backbone: Mapping[str, Any],
   """The inverse of `stack_blocks`: one 'block_{i}' subtree per block."""
   out = dict(backbone)
   for segment in segments_of(model_config):
-    if segment.shrink:
-      continue
-    n = segment.stop - segment.start
-    per_leaf = jax.tree.map(lambda x: _unstack(x, n), out.pop(segment.name))
-    for j in range(n):
-      out[f'block_{segment.start + j}'] = jax.tree.map(
-          lambda leaves: leaves[j], per_leaf, is_leaf=lambda x: isinstance(x, list))
+    if not segment.shrink:
+      blocks = stacking.unstack(out.pop(segment.name), segment.stop - segment.start)
+      out.update({f'block_{segment.start + j}': b for j, b in enumerate(blocks)})
   return out
 
 
 def has_per_block_layout(backbone: Mapping[str, Any],
                          model_config: ml_collections.ConfigDict) -> bool:
   """Whether a backbone tree (params, or a checkpoint's metadata tree with the same keys) holds
-  one 'block_{i}' per block, as checkpoints written before the blocks were scanned do."""
-  scanned = {f'block_{i}' for s in segments_of(model_config) if not s.shrink
-             for i in range(s.start, s.stop)}
-  return any(isinstance(k, str) and re.fullmatch(r'block_\d+', k) and k in scanned
-             for k in backbone)
-
-
-def _map_backbones(fn, tree):
-  """Applies fn to every {'backbone': ...} mapping's backbone in a pytree (params, optimizer
-  moments, a whole train state)."""
-  def visit(node):
-    if isinstance(node, Mapping) and 'backbone' in node:
-      return {**node, 'backbone': fn(node['backbone'])}
-    return node
-  return jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, Mapping) and 'backbone' in x)
-
-
-def stack_blocks_in(tree, model_config: ml_collections.ConfigDict):
-  """`stack_blocks` on every backbone in `tree` (e.g. a train state restored per block)."""
-  return _map_backbones(lambda b: stack_blocks(b, model_config), tree)
-
-
-def unstack_blocks_in(tree, model_config: ml_collections.ConfigDict):
-  """`unstack_blocks` on every backbone in `tree` (e.g. the abstract target of a restore)."""
-  return _map_backbones(lambda b: unstack_blocks(b, model_config), tree)
+  one 'block_{i}' per scanned block, as checkpoints written before the blocks were scanned do."""
+  return any(f'block_{i}' in backbone for s in segments_of(model_config) if not s.shrink
+             for i in range(s.start, s.stop))
