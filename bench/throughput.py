@@ -312,14 +312,8 @@ def _jax_breakdown(model, tx, params, images, labels, config, steps):
   rngs = {'dropout': jax.random.key(1)}
   backbone_params = params['backbone']
   # The backbone alone, with the model's own settings (the model has no backbone-only method).
-  from segvit_jax.models import vit  # pylint: disable=g-import-not-at-top
-  c = config.model
-  vit_module = vit.VisionTransformer(
-      img_size=tuple(c.img_size), patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-      num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_indices=tuple(c.out_indices),
-      drop_path_rate=c.drop_path_rate,
-      shrink_index=c.shrink_index if c.name == 'segvit_shrunk' else -1, remat=c.remat,
-      dtype=jnp.dtype(c.dtype))
+  from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
+  vit_module = segvit.backbone(config.model, model.attention)
 
   def backbone_fwd(bp, x):
     return vit_module.apply({'params': bp}, x, train=True, rngs=rngs)

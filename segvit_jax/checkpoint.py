@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from segvit_jax import config_base
 from segvit_jax import fileio
 from segvit_jax.errors import UserError
+from segvit_jax.models import segvit
 
 PyTree = Any
 
@@ -209,10 +210,14 @@ class Checkpointer:
     item = os.path.join(self.directory, str(int(step)), _ITEM)
     workdir = (os.path.dirname(self.directory) if os.path.basename(self.directory) ==
                'checkpoints' else self.directory)
-    _check_fits(_saved_tree(item), abstract_state, label=workdir, kind='resume',
+    saved = _saved_tree(item)
+    per_layer = _per_layer(saved.get('params', {}), config)
+    target = segvit.unstack_params(abstract_state, config.model) if per_layer else abstract_state
+    _check_fits(saved, target, label=workdir, kind='resume',
                 saved_config=_saved_config_or_none(os.path.join(workdir, CONFIG_JSON)),
                 config=config, sections=('model', 'optim'))
-    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+    restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
+    return segvit.stack_params(restored, config.model) if per_layer else restored
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -373,6 +378,9 @@ def load_params(path: str, abstract_params: PyTree, *,
   tree = _saved_tree(item)
   if kind == 'training':
     tree = tree.get('params', {})
+  per_layer = _per_layer(tree, config)
+  if per_layer:
+    abstract_params = segvit.unstack_params(abstract_params, config.model)
   _check_fits(tree, abstract_params, label=f'{flag}={path}' if flag else path, kind=kind,
               saved_config=saved, config=config, sections=('model',))
   shardings = [getattr(x, 'sharding', None) for x in jax.tree.leaves(abstract_params)]
@@ -389,7 +397,16 @@ def load_params(path: str, abstract_params: PyTree, *,
         item=wrap(abstract_params), restore_args=wrap(restore_args),
         partial_restore=kind == 'training'))
   logging.info('Loaded the params of %s.', item)
-  return (restored['params'] if kind == 'training' else restored), saved
+  params = restored['params'] if kind == 'training' else restored
+  return (segvit.stack_params(params, config.model) if per_layer else params), saved
+
+
+def _per_layer(saved_params: Mapping[str, Any],
+               config: Optional[ml_collections.ConfigDict]) -> bool:
+  """Whether saved params name one 'block_{i}' / 'layer_{l}' per layer (checkpoints and exported
+  directories written before the blocks and decoder layers were scanned): they are restored
+  into the per-layer layout and stacked."""
+  return config is not None and segvit.has_unstacked_layout(saved_params, config.model)
 
 
 # ------------------------------------------------------------------------------------------------

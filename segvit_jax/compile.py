@@ -56,7 +56,6 @@ from segvit_jax import preflight
 from segvit_jax import sharding
 from segvit_jax import summary
 from segvit_jax.errors import UserError
-from segvit_jax.models import layers
 
 GIB = 2.0**30
 
@@ -211,12 +210,8 @@ def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
                                      run.spec.shardings)
   eval_step = jax.jit(evaluators.make_eval_step(run.model, config),
                       out_shardings=sharding.replicated(run.mesh))
-  # `layers.attend` chooses by the default backend of this process (the CPU here): per head
-  # for large maps, else the batched einsum + softmax.
-  tokens = math.prod(-(-s // config.model.patch_size) for s in config.dataset.crop_size)
-  per_head = jax.default_backend() == 'cpu' and tokens * tokens >= layers.PER_HEAD_MIN_SIZE
   return Programs(mesh=run.mesh, state=run.spec.abstract, train_step=train_step,
-                  eval_step=eval_step, attention='per_head' if per_head else 'batched')
+                  eval_step=eval_step, attention=run.model.attention)
 
 
 def _abstract_batches(config: ml_collections.ConfigDict, mesh, train_batch: int,

@@ -105,7 +105,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.decoder_dropout = 0.1
   m.num_classes = 150
   m.dtype = 'float32'  # compute dtype; parameters stay float32. 'bfloat16' for mixed precision.
-  m.remat = False  # rematerialise backbone blocks in the backward pass
+  m.remat = 'none'  # backbone blocks in the backward pass: 'none', 'full' (recompute) or 'dots'
+  # softmax(q k^T) v: 'auto' (Pallas on TPU, cuDNN on GPU in bf16, per-head on CPU), 'xla',
+  # 'per_head', 'pallas_tpu' or 'cudnn'.
+  m.attention = 'auto'
+  m.scan_unroll = 1  # backbone blocks per iteration of each scanned segment
   vit_large(m)
 
   config.loss = ml_collections.ConfigDict()

@@ -227,11 +227,14 @@ def convert_checkpoint(path: str, config=None, allow_pickle: bool = False):
   except ValueError as e:
     raise UserError(f'{origin}: {e}') from e
   name = config.model.name
+  # The key table names one block / decoder layer per official layer; the model stacks them.
+  per_layer = segvit.unstack_params(_abstract_params(config.model), config.model)
   params, report = keymap.map_state_dict(
-      state, _abstract_params(config.model), keymap.vit_rules() + head_rules(name), IGNORED)
+      state, per_layer, keymap.vit_rules() + head_rules(name), IGNORED)
   error = report.error()
   if error:
     raise UserError(f'{path} does not fit the model of {origin} ({name}): {error}')
+  params = segvit.stack_params(params, config.model)
   eos = _no_object_weight(state, name)
   if eos is not None:
     config.loss.no_object_weight = eos

@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES = (
     ('kv', None),
     ('classes', None),
     ('queries', None),
+    ('layers', None),  # the stacked blocks of a scanned backbone segment: every device holds all
 )
 
 

@@ -395,7 +395,8 @@ def setup(config: ml_collections.ConfigDict,
   preflight.check(config, num_devices=len(devices) if devices is not None else jax.device_count(),
                   process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = segvit.build_model(config.model)
+  # The attention implementation follows the mesh's devices (e.g. TPU compiled from a CPU host).
+  model = segvit.build_model(config.model, platform=mesh.devices.flat[0].platform)
   tx, schedule = optim.make_optimizer(config)
   return Setup(mesh, model, tx, schedule, state_spec(model, tx, mesh))
 

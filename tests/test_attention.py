@@ -1,11 +1,15 @@
-"""The per-head attention (CPU fast path with its own backward) against the batched formula."""
+"""The attention implementations against softmax(q k^T) v and their choice per platform.
+
+(The Pallas kernel inside the compiled TPU programs: tests/test_compile.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
-from segvit_jax.models import layers
+from segvit_jax.errors import UserError
+from segvit_jax.models import attention
 
 
 def reference(q, k, v):
@@ -13,41 +17,143 @@ def reference(q, k, v):
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
 
 
-def _inputs(nq, nk, dtype=jnp.float32, seed=0):
+def _inputs(nq, nk, dtype=jnp.float32, seed=0, heads=3, head_dim=8):
   rng = np.random.default_rng(seed)
-  q = rng.normal(0, 1.5, (2, nq, 3, 8))  # large logits: a peaked softmax tests the max shift
-  k, v = rng.normal(0, 1.5, (2, nk, 3, 8)), rng.normal(size=(2, nk, 3, 8))
+  # Large logits: a peaked softmax tests the max shift.
+  q = rng.normal(0, 1.5, (2, nq, heads, head_dim))
+  k = rng.normal(0, 1.5, (2, nk, heads, head_dim))
+  v = rng.normal(size=(2, nk, heads, head_dim))
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def check_against_reference(fn, q, k, v, atol, grad_atol):
+  """fn's output and its q / k / v gradients (of a random projection) vs the float32 formula."""
+  as32 = lambda *a: tuple(x.astype(jnp.float32) for x in a)
+  got = fn(q, k, v)
+  assert got.dtype == v.dtype and got.shape == q.shape
+  want = reference(*as32(q, k, v))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=atol)
+  probe = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * probe), argnums=(0, 1, 2))
+  expected = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=(0, 1, 2))
+  for name, g, w in zip('qkv', grads(q, k, v), expected(*as32(q, k, v))):
+    scale = float(jnp.max(jnp.abs(w)))
+    assert scale > 1e-3, name
+    assert g.dtype == q.dtype, name
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=grad_atol * scale,
+                               err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: per head.
 
 
 @pytest.mark.parametrize('nq,nk', [(24, 24), (6, 24), (24, 7)])  # self, QD (fewer queries), cross
 def test_per_head_forward_and_gradients_match(nq, nk):
-  q, k, v = _inputs(nq, nk)
-  np.testing.assert_allclose(layers.attend_per_head(q, k, v), reference(q, k, v), rtol=1e-5,
-                             atol=1e-6)
-  probe = jnp.asarray(np.random.default_rng(1).normal(size=(2, nq, 3, 8)), jnp.float32)
-  grads = jax.grad(lambda *a: jnp.sum(layers.attend_per_head(*a) * probe), argnums=(0, 1, 2))
-  expected = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=(0, 1, 2))
-  for name, got, want in zip('qkv', grads(q, k, v), expected(q, k, v)):
-    scale = float(jnp.max(jnp.abs(want)))
-    assert scale > 1e-3, name
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale, err_msg=name)
+  check_against_reference(attention.attend_per_head, *_inputs(nq, nk), atol=1e-5, grad_atol=2e-5)
 
 
 def test_per_head_in_bfloat16_keeps_float32_statistics():
   q, k, v = _inputs(24, 24, jnp.bfloat16)
-  got = layers.attend_per_head(q, k, v)
+  got = attention.attend_per_head(q, k, v)
   assert got.dtype == jnp.bfloat16
   want = reference(*(x.astype(jnp.float32) for x in (q, k, v)))
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
 
 
-def test_attend_chooses_the_per_head_path_only_for_large_maps(monkeypatch):
+def test_per_head_implementation_loops_only_over_large_maps(monkeypatch):
   calls = []
-  monkeypatch.setattr(layers, 'attend_per_head', lambda *a: calls.append(1) or reference(*a))
-  monkeypatch.setattr(layers, 'PER_HEAD_MIN_SIZE', 24 * 24)
-  q, k, v = _inputs(24, 24)
-  jax.jit(layers.attend)(q, k, v)
-  assert calls == ([1] if jax.default_backend() == 'cpu' else [])
-  jax.jit(layers.attend)(*_inputs(6, 24))  # 144 < 576: the batched formula
-  assert len(calls) == (1 if jax.default_backend() == 'cpu' else 0)
+  monkeypatch.setattr(attention, 'attend_per_head', lambda *a: calls.append(1) or reference(*a))
+  monkeypatch.setattr(attention, 'PER_HEAD_MIN_SIZE', 24 * 24)
+  jax.jit(attention.attend, static_argnums=3)(*_inputs(24, 24), 'per_head')
+  assert calls == [1]
+  jax.jit(attention.attend, static_argnums=3)(*_inputs(6, 24), 'per_head')  # 144 < 576: batched
+  jax.jit(attention.attend, static_argnums=3)(*_inputs(24, 24, seed=1), 'xla')
+  assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU: the Pallas kernel, in interpret mode on this CPU.
+
+
+@pytest.mark.parametrize('nq,nk,dtype,atol,grad_atol', [
+    (130, 130, jnp.float32, 1e-5, 1e-5),  # self-attention, both sides padded to 256
+    (40, 130, jnp.bfloat16, 4e-2, 4e-2),  # QD-like: fewer queries than keys, bfloat16
+])
+def test_pallas_tpu_kernel_matches_the_formula(nq, nk, dtype, atol, grad_atol):
+  q, k, v = _inputs(nq, nk, dtype, heads=2, head_dim=16)
+  q = q / 4  # logits of a realistic size for bfloat16 (the scale is folded into q)
+  with pltpu.force_tpu_interpret_mode():
+    check_against_reference(attention.attend_pallas_tpu, q, k, v, atol, grad_atol)
+
+
+def test_pallas_tpu_padding_gives_padded_keys_no_weight():
+  """Keys past nk are zero after padding; unmasked, they would take weight exp(0) = 1 each."""
+  q, k, v = _inputs(3, 5, heads=1, head_dim=8)
+  with pltpu.force_tpu_interpret_mode():
+    got = attention.flash_tpu(q, k, v)
+  np.testing.assert_allclose(got, reference(q, k, v), rtol=0, atol=1e-5)
+
+
+def test_tpu_blocks():
+  assert [attention.tpu_padded_length(n) for n in (150, 900, 1024, 1600, 2500)] == [
+      256, 1024, 1024, 1664, 2560]
+  assert [attention.tpu_block(n) for n in (256, 1024, 1664, 2560)] == [256, 512, 128, 512]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: cuDNN's call, its formula checked through XLA.
+
+
+@pytest.mark.parametrize('dtype,atol', [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_cudnn_call_computes_the_formula(dtype, atol):
+  q, k, v = _inputs(24, 7, dtype)
+  got = attention.attend_cudnn(q, k, v, implementation='xla')
+  assert got.dtype == dtype
+  want = reference(*(x.astype(jnp.float32) for x in (q, k, v)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice.
+
+
+@pytest.mark.parametrize('platform,dtype,expected', [
+    ('tpu', 'float32', 'pallas_tpu'), ('tpu', 'bfloat16', 'pallas_tpu'),
+    ('gpu', 'bfloat16', 'cudnn'), ('cuda', 'bfloat16', 'cudnn'), ('gpu', 'float32', 'xla'),
+    ('rocm', 'bfloat16', 'xla'), ('cpu', 'float32', 'per_head'), ('cpu', 'bfloat16', 'per_head'),
+])
+def test_auto_follows_the_platform(platform, dtype, expected):
+  assert attention.resolve_attention('auto', platform, dtype) == expected
+
+
+def test_explicit_choices_override():
+  assert attention.resolve_attention('xla', 'tpu') == 'xla'
+  assert attention.resolve_attention('per_head', 'gpu') == 'per_head'
+  assert attention.resolve_attention('xla', 'cpu') == 'xla'
+  assert attention.resolve_attention('pallas_tpu', 'tpu', 'bfloat16') == 'pallas_tpu'
+  assert attention.resolve_attention('cudnn', 'gpu', 'bfloat16') == 'cudnn'
+
+
+@pytest.mark.parametrize('name,platform,dtype,message', [
+    ('flash', 'tpu', 'float32', r"config\.model\.attention='flash' is not one of auto, xla, "
+                                r"per_head, pallas_tpu, cudnn\."),
+    ('pallas_tpu', 'cpu', 'float32', r"'pallas_tpu' needs TPU devices.*'cpu'"),
+    ('cudnn', 'tpu', 'bfloat16', r"'cudnn' needs NVIDIA GPUs.*'tpu'"),
+    ('cudnn', 'gpu', 'float32', r"'cudnn' needs config\.model\.dtype='bfloat16'"),
+])
+def test_impossible_choices_name_the_key(name, platform, dtype, message):
+  with pytest.raises(UserError, match=message):
+    attention.resolve_attention(name, platform, dtype)
+
+
+def test_build_model_resolves_for_the_given_platform():
+  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
+  from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
+  m = config_base.get_base_config().model
+  assert segvit.build_model(m, platform='tpu').attention == 'pallas_tpu'
+  assert segvit.build_model(m, platform='cpu').attention == 'per_head'
+  assert segvit.build_model(m).attention == attention.resolve_attention(
+      'auto', jax.default_backend())
+  m.attention = 'xla'
+  assert segvit.build_model(m, platform='tpu').attention == 'xla'

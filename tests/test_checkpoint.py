@@ -213,14 +213,15 @@ def test_a_different_model_config_is_named_by_its_keys(tmp_path):
     checkpoint.load_params(workdir, abstract_params(other), config=other)
   message = str(info.value)
   assert message.startswith(f'{workdir} does not fit the model of the config: ')
-  assert ('41 of another shape: backbone/block_0/attn/key/bias (2, 16) (checkpoint) vs (2, 32) '
-          '(config), backbone/block_0/attn/key/kernel (32, 2, 16) (checkpoint) vs (64, 2, 32) '
-          '(config)') in message
-  assert message.endswith(', and 35 more; use the config it was trained with.')
+  # (The blocks are stacked: one leaf per parameter of a block, a leading axis of 2 blocks.)
+  assert ('25 of another shape: backbone/blocks_0_1/attn/key/bias (2, 2, 16) (checkpoint) vs '
+          '(2, 2, 32) (config), backbone/blocks_0_1/attn/key/kernel (2, 32, 2, 16) (checkpoint) '
+          'vs (2, 64, 2, 32) (config)') in message
+  assert message.endswith(', and 19 more; use the config it was trained with.')
   assert '\n' not in message and 'partial_restore' not in message
   deeper = tiny_config(depth=3, out_indices=(0, 2))
   with pytest.raises(UserError, match=r'does not fit the model of the config: \d+ missing: '
-                                      r'backbone/block_2/'):
+                                      r'backbone/blocks_0_2/.*; \d+ unexpected: backbone/blocks_0_1/'):
     checkpoint.load_params(directory, abstract_params(deeper))
 
 
@@ -267,3 +268,31 @@ def test_paths_that_are_not_checkpoints(tmp_path):
     write_workdir(str(directory), tiny_config(), steps=((1, 0),))
     os.remove(directory / 'config.json')
     checkpoint.saved_config(str(directory))
+
+
+def test_checkpoints_written_before_the_layers_were_scanned_still_load(tmp_path):
+  """Exported directories and training workdirs with one 'block_{i}' / 'layer_{l}' per layer
+  load (and resume) into the stacked layout."""
+  config = tiny_config(decoder_layers=2)
+  params = random_params(config)
+  per_layer = segvit.unstack_params(params, config.model)
+  assert 'block_1' in per_layer['backbone'] and 'blocks_0_1' not in per_layer['backbone']
+  directory = str(tmp_path / 'exported')
+  checkpoint.export_params(directory, per_layer, config)
+  loaded, _ = checkpoint.load_params(directory, abstract_params(config), config=config)
+  assert_trees_equal(loaded, params)
+
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  checkpoint.write_config(os.path.join(workdir, 'config.json'), config)
+  state = train_state(params, 3)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), async_save=False)
+  ckpt.save(3, segvit.unstack_params(state, config.model))
+  ckpt.close()
+  loaded, _ = checkpoint.load_params(workdir, abstract_params(config), config=config)
+  assert_trees_equal(loaded, params)
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  restored = ckpt.restore(3, abstract, config=config)
+  ckpt.close()
+  assert_trees_equal(restored, state)

@@ -26,6 +26,7 @@ from segvit_jax import mmcv_config
 from segvit_jax import predict
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
+from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
 import torch_reference as ref
 
@@ -113,7 +114,7 @@ def test_cli_reads_the_architecture_from_meta(files):
 
   # Layout spot checks against the official tensors.
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  p = leaves(variables['params'])
+  p = leaves(segvit.unstack_params(variables['params'], m))  # one subtree per official layer
   np.testing.assert_array_equal(p['backbone/patch_embed/kernel'],
                                 sd['backbone.patch_embed.projection.weight'].transpose(2, 3, 1, 0))
   in_proj = sd['backbone.layers.2.attn.attn.in_proj_weight']  # rows [q; k; v], 4 heads of 16
@@ -382,10 +383,12 @@ def expected_backbone(vit):
   config = config_base.get_base_config()
   config.model.update(TINY)
   abstract = nn.unbox(segvit.abstract_params(segvit.build_model(config.model)))
-  params, report = keymap.map_state_dict(sd, {'backbone': abstract['backbone']},
-                                         keymap.vit_rules())
+  # The key table names one 'block_{i}' per block; the model stacks them.
+  params, report = keymap.map_state_dict(
+      sd, {'backbone': jax_vit.unstack_blocks(abstract['backbone'], config.model)},
+      keymap.vit_rules())
   assert report.error() is None, report.error()
-  return leaves(params['backbone'])
+  return leaves(jax_vit.stack_blocks(params['backbone'], config.model))
 
 
 def check_loaded(loaded, vit):

@@ -209,8 +209,9 @@ def test_batch_size_must_divide():
 
 
 def _eval(config, host, hosts, num=11):
+  # One batch shard per host: the host-level batching alone (the shard rounding has its test).
   return input_pipeline.create_eval_dataset(config, process_index=host, process_count=hosts,
-                                            source_fn=make_source_fn(num))
+                                            batch_shards=hosts, source_fn=make_source_fn(num))
 
 
 def test_eval_padding_validity_and_equal_batch_counts():
@@ -269,7 +270,9 @@ def test_eval_batch_is_rounded_up_to_the_batch_shards():
   config = small_config()
   config.eval.batch_size = 5
   assert input_pipeline.eval_batch_size(config, 2, batch_shards=4) == 8
-  assert input_pipeline.eval_batch_size(config, 1) == 5  # config.mesh over this 1 device
+  assert input_pipeline.eval_batch_size(config, 1, batch_shards=1) == 5
+  # Default: config.mesh over all devices (8 here: data=-1 takes them all).
+  assert input_pipeline.eval_batch_size(config, 1) == 8
   ids, counts = [], []
   for host in range(2):
     ds = input_pipeline.create_eval_dataset(config, process_index=host, process_count=2,
@@ -370,7 +373,7 @@ def test_with_a_tfds_build(tmp_path):
     assert_batches_equal(resumed, full[4:])
     assert set(np.unique(full[0]['label'])) <= {0, 1, 2, 3, 4, 255}
   valid = [b['valid'].tolist() for host in range(2) for b in input_pipeline.create_eval_dataset(
-      config, process_index=host, process_count=2).as_numpy_iterator()]
+      config, process_index=host, process_count=2, batch_shards=2).as_numpy_iterator()]
   assert valid == [[True], [True], [True], [False]]  # shards of 2 and 1: 2 batches each
 
 
@@ -394,8 +397,8 @@ def test_with_the_synthetic_source():
     assert set(np.unique(np.concatenate([b['label'] for b in batches]))) <= set(range(5)) | {255}
   valid = 0
   for host in range(2):
-    batches = list(input_pipeline.create_eval_dataset(config, process_index=host,
-                                                      process_count=2).as_numpy_iterator())
+    batches = list(input_pipeline.create_eval_dataset(
+        config, process_index=host, process_count=2, batch_shards=2).as_numpy_iterator())
     assert len(batches) == 2  # shards of 3 and 2, host batch 2
     for b in batches:
       valid += int(b['valid'].sum())

@@ -6,17 +6,20 @@ Outputs of every head here: a tuple of (class_logits (B, K, K+1), mask_logits (B
 one per prediction in order (the last is the final prediction, the others are auxiliary).
 """
 
-from typing import Any, List, Sequence, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from segvit_jax.models import layers
+from segvit_jax.models import stacking
 
 Dtype = Any
 HEAD_LN_EPS = 1e-5  # PyTorch's default, used by every LayerNorm in the heads.
 # PyTorch's default xavier-uniform on the stacked (3d, d) `in_proj_weight`: bound sqrt(6 / 4d).
 in_proj_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+STACKED = 'layers'  # the name of a decoder's scanned layers
 
 
 class DecoderLayer(nn.Module):
@@ -32,6 +35,7 @@ class DecoderLayer(nn.Module):
   mlp_ratio: int = 4
   dropout_rate: float = 0.1
   standard_cross_attn: bool = False
+  attention: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -39,12 +43,12 @@ class DecoderLayer(nn.Module):
     d = t.shape[-1]
     dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
     attended, _ = layers.Attention(
-        self.num_heads, self.dropout_rate, kernel_init=in_proj_init, dtype=self.dtype,
-        name='self_attn')(t, t, deterministic)
+        self.num_heads, self.dropout_rate, kernel_init=in_proj_init, attention=self.attention,
+        dtype=self.dtype, name='self_attn')(t, t, deterministic)
     t = layers.layer_norm('norm1', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
     attended, mask_logits = layers.Attention(
         self.num_heads, self.dropout_rate, return_mask_logits=not self.standard_cross_attn,
-        dtype=self.dtype,
+        attention=self.attention, dtype=self.dtype,
         kernel_init=in_proj_init if self.standard_cross_attn else layers.trunc_normal_02,
         name='cross_attn')(t, memory, deterministic)
     t = layers.layer_norm('norm2', HEAD_LN_EPS)(t + dropout(attended)).astype(self.dtype)
@@ -55,23 +59,78 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-  """A stack of `DecoderLayer`s. Returns the output of every layer and every layer's mask."""
+  """A stack of `DecoderLayer`s. Returns the output of every layer and every layer's mask.
+
+  The layers run as one `nn.scan` (one compiled layer, whatever `num_layers`): their params are
+  stacked under 'layers' with a leading 'layers' axis. The official checkpoints name one
+  'layer_{l}' per layer: `stack_layers` / `unstack_layers` convert between the two layouts.
+  """
   num_layers: int
   num_heads: int
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
   standard_cross_attn: bool = False
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, t, memory, deterministic: bool):
-    outputs, masks = [], []
-    for i in range(self.num_layers):
-      t, mask = DecoderLayer(self.num_heads, dropout_rate=self.dropout_rate,
-                             standard_cross_attn=self.standard_cross_attn, dtype=self.dtype,
-                             name=f'layer_{i}')(t, memory, deterministic)
-      outputs.append(t)
-      masks.append(mask)
-    return outputs, masks
+    def body(layer, t, memory):
+      t, mask = layer(t, memory, deterministic)
+      return t, (t, mask)
+
+    scan = nn.scan(
+        body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+        in_axes=nn.broadcast, length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    layer = DecoderLayer(self.num_heads, dropout_rate=self.dropout_rate,
+                         standard_cross_attn=self.standard_cross_attn, attention=self.attention,
+                         dtype=self.dtype, name=STACKED)
+    _, (outputs, masks) = scan(layer, t, memory)
+    per_layer = lambda x: [None if x is None else x[i] for i in range(self.num_layers)]
+    return per_layer(outputs), per_layer(masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-layer layout of the official checkpoints and the converter's key tables.
+
+
+def _layer_keys(node) -> list:
+  return [k for k in node if isinstance(k, str) and re.fullmatch(r'layer_\d+', k)]
+
+
+def stack_layers(head: Mapping[str, Any]) -> Dict[str, Any]:
+  """Per-layer decoder params ('layer_{l}' subtrees, anywhere in a head tree) -> each
+  decoder's stacked 'layers'. Leaves: numpy / jax arrays or ShapeDtypeStructs."""
+  out = {}
+  for key, node in head.items():
+    if isinstance(node, Mapping) and _layer_keys(node):
+      rest = {k: v for k, v in node.items() if k not in _layer_keys(node)}
+      layers_ = [node[f'layer_{l}'] for l in range(len(_layer_keys(node)))]
+      node = {**rest, STACKED: stacking.stack(layers_)}
+    elif isinstance(node, Mapping):
+      node = stack_layers(node)
+    out[key] = node
+  return out
+
+
+def unstack_layers(head: Mapping[str, Any], num_layers: int) -> Dict[str, Any]:
+  """The inverse of `stack_layers` (`num_layers`: config.model.decoder_layers)."""
+  out = {}
+  for key, node in head.items():
+    if isinstance(node, Mapping) and isinstance(node.get(STACKED), Mapping):
+      node = {**{k: v for k, v in node.items() if k != STACKED},
+              **{f'layer_{l}': layer for l, layer in enumerate(
+                  stacking.unstack(node[STACKED], num_layers))}}
+    elif isinstance(node, Mapping):
+      node = unstack_layers(node, num_layers)
+    out[key] = node
+  return out
+
+
+def has_per_layer_layout(head: Mapping[str, Any]) -> bool:
+  """Whether a head tree (params or a checkpoint's metadata) names one 'layer_{l}' per layer."""
+  return any(isinstance(node, Mapping) and (bool(_layer_keys(node)) or has_per_layer_layout(node))
+             for node in head.values())
 
 
 def class_queries(module: nn.Module, num_classes: int, dim: int, batch: int, dtype) -> jnp.ndarray:
@@ -105,6 +164,7 @@ class ATMHead(nn.Module):
   use_stages: int = 3
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray], *, train: bool) -> List[Tuple]:
@@ -117,7 +177,8 @@ class ATMHead(nn.Module):
       lateral = layers.dense(self.dim, f'input_proj_{s}', self.dtype, 'embed', 'mlp')(tokens)
       lateral = layers.layer_norm(f'proj_norm_{s}', HEAD_LN_EPS)(lateral).astype(self.dtype)
       outputs, masks = Decoder(self.num_layers, self.num_heads, self.dropout_rate, self.dtype,
-                               name=f'decoder_{s}')(queries, lateral, not train)
+                               attention=self.attention, name=f'decoder_{s}')(
+                                   queries, lateral, not train)
       queries = outputs[-1]
       mask_sum = mask_sum + mask_map(masks[-1], grid)
       predictions.append((classify(queries).astype(jnp.float32), mask_sum))
@@ -135,6 +196,7 @@ class ATMSingleHead(nn.Module):
   num_layers: int = 3
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, feature: jnp.ndarray, *, train: bool) -> List[Tuple]:
@@ -142,7 +204,8 @@ class ATMSingleHead(nn.Module):
     dim = memory.shape[-1]
     queries = class_queries(self, self.num_classes, dim, memory.shape[0], self.dtype)
     outputs, masks = Decoder(self.num_layers, self.num_heads, self.dropout_rate, self.dtype,
-                             name='decoder_1')(queries, memory, not train)
+                             attention=self.attention, name='decoder_1')(
+                                 queries, memory, not train)
     classify = class_head(self.num_classes, self.dtype)
     return [(classify(out).astype(jnp.float32), mask_map(mask, grid))
             for out, mask in zip(outputs, masks)]

@@ -5,11 +5,13 @@ Token layout everywhere: (B, N, C) with N = h * w flattened row-major (h first),
 converter's key table reads one-to-one (reference sections 9.2-9.4).
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from segvit_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -47,12 +49,16 @@ class Attention(nn.Module):
 
   Call: `(queries (B, Nq, C), keys_values (B, Nk, C), deterministic)` ->
   `(out (B, Nq, C), mask_logits (B, Nq, Nk) or None)`. With `return_mask_logits`, the second output
-  is the head-averaged PRE-softmax logits, the ATM mask (reference 3.2).
+  is the head-averaged PRE-softmax logits, the ATM mask (official `atm_head.py`, `Attention`).
+  `attention` names the softmax(q k^T) v implementation (`models.attention`). Dropout on the
+  attention weights needs the weights themselves, so a training step with dropout computes them
+  explicitly whatever `attention` says.
   """
   num_heads: int
   dropout_rate: float = 0.0
   return_mask_logits: bool = False
   kernel_init: Any = trunc_normal_02
+  attention: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -72,13 +78,13 @@ class Attention(nn.Module):
     k = projection('key')(keys_values)
     v = projection('value')(keys_values)
     scale = head_dim ** -0.5
-    if self.dropout_rate > 0.0 and not deterministic:  # the weights themselves are needed
+    if self.dropout_rate > 0.0 and not deterministic:
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
-      out = attend(q * jnp.asarray(scale, q.dtype), k, v)
+      out = attention_lib.attend(q * jnp.asarray(scale, q.dtype), k, v, self.attention)
     out = nn.DenseGeneral(
         channels, axis=(-2, -1), dtype=self.dtype, name='out',
         kernel_init=partitioned(trunc_normal_02, ('heads', 'kv', 'embed')),
@@ -87,99 +93,24 @@ class Attention(nn.Module):
     if self.return_mask_logits:
       # The head average of the scaled per-head logits is one contraction over all heads and
       # channels: (B, Nq, Nk) directly, without the (B, H, Nq, Nk) maps and their reduction.
+      # So the value path above needs no explicit logits either and takes the fused kernel:
+      # sharing logits with it would bring back the per-head maps the kernel avoids.
       mask_logits = jnp.einsum('bqhd,bkhd->bqk', q, k) * (scale / self.num_heads)
     return out, mask_logits
 
 
-# Attention maps at least this large (Nq * Nk) take the per-head path on CPU.
-PER_HEAD_MIN_SIZE = 256 * 256
+def drop_path(module: nn.Module, x: jnp.ndarray, rate, deterministic: bool) -> jnp.ndarray:
+  """Stochastic depth: drops the whole residual branch per example (rng stream 'dropout').
 
-
-def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-  """softmax(q k^T) v for each head: q (B, Nq, H, hd) already scaled, k, v (B, Nk, H, hd).
-
-  On CPU, large maps go head by head (`attend_per_head`): each (Nq, Nk) map then stays in cache,
-  which makes the ViT's attention about 2x faster forward and 1.7x forward + backward on CPU
-  (bench/throughput.py) and keeps the maps out of the saved activations. Elsewhere (GPU, TPU)
-  the batched form lets XLA fuse it. Softmax statistics are float32 in both.
+  `rate` may be traced (a scanned per-block input); None means no drop path at all. A rate of 0
+  keeps every example (the Bernoulli draw is always 1) and returns x unchanged.
   """
-  if jax.default_backend() == 'cpu' and q.shape[1] * k.shape[1] >= PER_HEAD_MIN_SIZE:
-    return attend_per_head(q, k, v)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-
-
-def _by_head(x):
-  """(B, N, H, hd) -> (B * H, N, hd)."""
-  b, n, h, d = x.shape
-  return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
-
-
-def _from_heads(x, batch):
-  """(B * H, N, hd) -> (B, N, H, hd)."""
-  bh, n, d = x.shape
-  return x.reshape(batch, bh // batch, n, d).transpose(0, 2, 1, 3)
-
-
-@jax.custom_vjp
-def attend_per_head(q, k, v):
-  """`attend` as a loop over batch x heads, with a backward pass that recomputes each map from
-  q, k and the saved log-sum-exp instead of storing all maps (the flash-attention recurrence)."""
-  return _attend_per_head_fwd(q, k, v)[0]
-
-
-def _attend_per_head_fwd(q, k, v):
-  qh, kh, vh = _by_head(q), _by_head(k), _by_head(v)
-
-  def one_head(args):
-    qi, ki, vi = args
-    logits = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32)
-    peak = logits.max(axis=-1, keepdims=True)
-    unnormalised = jnp.exp(logits - peak)
-    total = unnormalised.sum(axis=-1, keepdims=True)
-    # Normalising the (Nq, hd) output instead of the (Nq, Nk) weights saves a pass over the map.
-    out = jnp.dot(unnormalised.astype(vi.dtype), vi, preferred_element_type=jnp.float32) / total
-    return out.astype(vi.dtype), (peak + jnp.log(total))[:, 0]
-
-  out, logsumexp = jax.lax.map(one_head, (qh, kh, vh))
-  return _from_heads(out, q.shape[0]), (qh, kh, vh, out, logsumexp)
-
-
-def _attend_per_head_bwd(residuals, d_out):
-  qh, kh, vh, out, logsumexp = residuals
-  batch = d_out.shape[0]
-  d_outh = _by_head(d_out)
-  # d softmax: dS = P * (dP - rowsum(dO * O)); the row sums once for all heads.
-  row_dot = jnp.sum(d_outh.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-
-  def one_head(args):
-    qi, ki, vi, doi, lse, rd = args
-    weights = jnp.exp(jnp.dot(qi, ki.T, preferred_element_type=jnp.float32) - lse[:, None])
-    d_v = jnp.dot(weights.T.astype(doi.dtype), doi)
-    d_weights = jnp.dot(doi, vi.T, preferred_element_type=jnp.float32)
-    d_logits = (weights * (d_weights - rd[:, None])).astype(qi.dtype)
-    return jnp.dot(d_logits, ki), jnp.dot(d_logits.T, qi), d_v
-
-  d_q, d_k, d_v = jax.lax.map(one_head, (qh, kh, vh, d_outh, logsumexp, row_dot))
-  return _from_heads(d_q, batch), _from_heads(d_k, batch), _from_heads(d_v, batch)
-
-
-attend_per_head.defvjp(_attend_per_head_fwd, _attend_per_head_bwd)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example (rng stream 'dropout')."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  if deterministic or rate is None:
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, shape)
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 def tokens_to_map(tokens: jnp.ndarray, grid: Tuple[int, int]) -> jnp.ndarray:
@@ -195,7 +126,3 @@ def map_to_tokens(x: jnp.ndarray) -> Tuple[jnp.ndarray, Tuple[int, int]]:
   """(B, h, w, C) -> ((B, h*w, C), (h, w))."""
   b, h, w, c = x.shape
   return x.reshape(b, h * w, c), (h, w)
-
-
-def cast(x: Optional[jnp.ndarray], dtype: Dtype):
-  return None if x is None else x.astype(dtype)

@@ -27,6 +27,7 @@ class QUHead(nn.Module):
   num_layers: int = 3
   dropout_rate: float = 0.1
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray], *, train: bool) -> List[Tuple]:
@@ -40,8 +41,10 @@ class QUHead(nn.Module):
       lateral = layers.dense(self.dim, f'input_proj_{s}', self.dtype, 'embed', 'mlp')(tokens)
       lateral = layers.layer_norm(f'proj_norm_{s}', atm.HEAD_LN_EPS)(lateral).astype(self.dtype)
       outputs, _ = atm.Decoder(self.num_layers, self.num_heads, self.dropout_rate, self.dtype,
-                               standard_cross_attn=True, name=f'decoder_{s}')(queries, lateral, not train)
+                               standard_cross_attn=True, attention=self.attention,
+                               name=f'decoder_{s}')(queries, lateral, not train)
       queries = outputs[-1]
     feature_map = layers.tokens_to_map(queries, (gh, gw))
     return atm.ATMSingleHead(self.num_classes, self.num_heads, self.num_layers, self.dropout_rate,
-                             self.dtype, name='atm')(feature_map, train=train)
+                             self.dtype, attention=self.attention, name='atm')(
+                                 feature_map, train=train)

@@ -23,6 +23,7 @@ import numpy as np
 from segvit_jax import keymap
 from segvit_jax import resize
 from segvit_jax import torch_files
+from segvit_jax.models import vit
 from segvit_jax.errors import UserError
 
 _FLAG = 'config.pretrained_backbone'
@@ -129,9 +130,10 @@ def load(params: Dict[str, Any], path: str,
   state = {k: resize_pos_embed(torch_files.to_numpy(v), grid) if k in _POS_KEYS else v
            for k, v in state.items()}
   # The abstract backbone given to the key table.
-  abstract = {'backbone': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       jax.tree.map(_leaf_value, params['backbone'],
-                                                    is_leaf=_is_box))}
+  # The key tables name one 'block_{i}' per block; the model stacks each run of blocks.
+  abstract = {'backbone': vit.unstack_blocks(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.tree.map(_leaf_value, params['backbone'], is_leaf=_is_box)), model_config)}
   converted, report = keymap.map_state_dict(state, abstract, rules, ignored,
                                             to_array=torch_files.to_numpy)
   error = report.error()
@@ -140,8 +142,9 @@ def load(params: Dict[str, Any], path: str,
                     f'{model_config.embed_dim}, depth {model_config.depth}, '
                     f'{model_config.num_heads} heads): {error}')
   # The converted backbone returned, in the layout of `params['backbone']`.
-  flat = {'/'.join(str(k.key) for k in p): v
-          for p, v in jax.tree_util.tree_flatten_with_path(converted['backbone'])[0]}
+  flatten = lambda tree: {'/'.join(str(k.key) for k in p): v
+                          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = flatten(vit.stack_blocks(converted['backbone'], model_config))
 
   def replace(key_path, old):
     value = _leaf_value(old)
@@ -151,5 +154,6 @@ def load(params: Dict[str, Any], path: str,
     return old.replace_boxed(array) if _is_box(old) else array
 
   backbone = jax.tree_util.tree_map_with_path(replace, params['backbone'], is_leaf=_is_box)
-  logging.info('%s', _summary(path, flat, params.get('head', {}), report.ignored))
+  logging.info('%s', _summary(path, flatten(converted['backbone']), params.get('head', {}),
+                               report.ignored))
   return {**params, 'backbone': backbone}
