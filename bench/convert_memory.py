@@ -1,6 +1,8 @@
 r"""Time and peak memory of converting a release-sized SegViT checkpoint (ViT-L, with optimizer).
 
-    .venv/bin/python bench/convert_memory.py [--variant=plain|shrunk] [--workdir=/tmp/bench]
+    .venv/bin/python -m bench.convert_memory [--variant=plain|shrunk] [--workdir=/tmp/bench]
+
+(from the repository root: the checkpoint is made with its `segvit_reference`).
 
 Writes a random-weight ViT-L ADE-640 checkpoint laid out like the released ones (mmcv dict:
 `meta` with the config text, `state_dict`, AdamW `optimizer` state with exp_avg and exp_avg_sq,
@@ -29,8 +31,7 @@ VIT_L_ADE = dict(img_size=640, embed_dims=1024, num_layers=24, num_heads=16,
 def write_checkpoint(path: str, variant: str) -> dict:
   """A random-weight release-sized checkpoint; returns sizes. Runs in its own process."""
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  import segvit_reference as ref  # pylint: disable=g-import-not-at-top
   kwargs = dict(VIT_L_ADE, kind=variant)
   if variant == 'shrunk':
     kwargs.update(out_indices=(7, 23), shrink_idx=8)
@@ -58,8 +59,9 @@ def write_checkpoint(path: str, variant: str) -> dict:
 
 
 def run_writer(src: str, variant: str) -> dict:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--write_only', src,
-                         f'--variant={variant}'], capture_output=True, text=True, check=False)
+  proc = subprocess.run([sys.executable, '-m', __spec__.name, '--write_only', src,
+                         f'--variant={variant}'], cwd=REPO, capture_output=True, text=True,
+                        check=False)
   if proc.returncode:
     raise SystemExit(f'writing the checkpoint failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -115,4 +117,6 @@ def main():
 
 
 if __name__ == '__main__':
+  if not __package__:  # `python bench/convert_memory.py` cannot import segvit_reference
+    sys.exit('Run from the repository root: python -m bench.convert_memory')
   main()

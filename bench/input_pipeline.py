@@ -5,9 +5,11 @@ Runs `segvit_jax.input_pipeline.create_train_dataset` on the project's mmseg-fol
 and the whole official augmentation (resize with the ratio range, cat_max_ratio crop, flip,
 photometric distortion, normalise, pad, batch), and prints images per second after a warm-up.
 
-  python bench/input_pipeline.py                                    # 64 generated pairs
-  python bench/input_pipeline.py --folder=/data/ADEChallengeData2016 \
+  python -m bench.input_pipeline                                    # 64 generated pairs
+  python -m bench.input_pipeline --folder=/data/ADEChallengeData2016 \
       --config=configs/ade20k_large.py
+
+(from the repository root, so that its `segvit_jax` is the one imported).
 
 --folder is an ADE20K-layout folder (images/training/*.jpg, annotations/training/*.png, raw ADE
 labels 0..150). Without it, pairs are generated in a temporary folder: smooth photograph-like
@@ -17,7 +19,6 @@ The figure depends on what else runs on the machine: the CPU time per image is p
 """
 
 import argparse
-import importlib.util
 import os
 import resource
 import sys
@@ -29,7 +30,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from segvit_jax import datasets  # pylint: disable=g-import-not-at-top
 from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
@@ -70,13 +71,6 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main():
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -88,7 +82,7 @@ def main():
   parser.add_argument('--batches', type=int, default=40)
   args = parser.parse_args()
 
-  config = load_config(args.config)
+  config = checkpoint.load_config(args.config)
   config.batch_size = args.batch_size
   with tempfile.TemporaryDirectory() as tmp:
     folder = args.folder
@@ -112,7 +106,7 @@ def main():
   print(f'config {os.path.basename(args.config)}: crop {tuple(config.dataset.crop_size)}, '
         f'{n} source images, batch {args.batch_size}, {os.cpu_count()} CPUs visible, '
         f'load average {os.getloadavg()[0]:.2f}')
-  print(f'batch shapes: ' + ', '.join(f'{k} {v.shape} {v.dtype}' for k, v in batch.items()))
+  print('batch shapes: ' + ', '.join(f'{k} {v.shape} {v.dtype}' for k, v in batch.items()))
   print(f'{images / dt:.1f} images/s ({images} images in {dt:.2f} s after '
         f'{args.warmup_batches} warm-up batches)')
   # On a shared machine wall time depends on the other load; CPU time per image does much less.
@@ -121,4 +115,6 @@ def main():
 
 
 if __name__ == '__main__':
+  if not __package__:  # `python bench/input_pipeline.py` would import another tree's segvit_jax
+    sys.exit('Run from the repository root: python -m bench.input_pipeline')
   main()

@@ -1,39 +1,46 @@
 r"""Training and inference throughput of a config, JAX next to the PyTorch reference model.
 
-  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --batch_size=2 --torch
-  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --dtypes=bfloat16 --torch
-  .venv/bin/python bench/throughput.py --config=configs/ade20k_base.py --breakdown   # where time goes
+  .venv/bin/python -m bench.throughput --config=configs/ade20k_base.py --batch_size=2 --torch
+  .venv/bin/python -m bench.throughput --config=configs/ade20k_base.py --dtypes=bfloat16 --torch
+  .venv/bin/python -m bench.throughput --config=configs/ade20k_base.py --breakdown  # time's parts
+  .venv/bin/python -m bench.throughput --config=configs/ade20k_base.py --skip=infer,slide  # step
 
-Measured at the config's crop size (config.model.img_size), random weights, batch `--batch_size`:
-- compile time of the jitted train step, forward and sliding-window prediction (JAX);
-- training step (model + ATM loss + AdamW with clipping, as the trainer does it): median seconds
-  and images/s. Labels are ADE-like: 16 classes per image in rectangular regions, 5% ignore
-  (the official loss works per present class, so uniformly random labels would favour JAX);
-- inference on the whole crop (the model's eval forward) and sliding-window prediction of
-  `--slide_size` images (ADE val after the 512 test resize: 512x683, i.e. 2 windows of 512 at
-  stride 341) including the resize to the original size, softmax and argmax;
+Run from the repository root (`-m`: the root's `segvit_jax` and `segvit_reference` are the ones
+imported). The JAX side is the product's own code on a one-device mesh (`config.mesh='data:1'`,
+the first device): `train.setup`, `train.create_state`, `train.make_train_step`, the model's eval
+forward and `evaluators.make_eval_step`. Random weights, batch `--batch_size`:
+- compile time of the jitted train step, forward and eval step (JAX);
+- training step (model + ATM loss + AdamW with clipping: the trainer's step) at the train crop
+  (config.dataset.crop_size): median seconds and images/s. Labels are ADE-like: 16 classes per
+  image in rectangular regions, 5% ignore (the official loss works per present class, so
+  uniformly random labels would favour JAX);
+- inference on the whole crop (the model's eval forward at config.model.img_size) and the eval
+  step on `--slide_size` images (ADE val after the 512 test resize: 512x683, i.e. 2 windows of
+  512 at stride 341, with config.eval's mode): sliding windows, the resize to the original size,
+  softmax, argmax (and, in JAX, the batch's confusion matrix);
 - peak host memory (max RSS of the measuring process) and peak device memory where the device
   reports it (`memory_stats()`: GPU / TPU);
-- achieved FLOP/s from `segvit_jax.summary`'s analytic count of the forward pass (fvcore
-  convention there: a multiply-add is one FLOP; here multiply-adds count 2, LayerNorm and upsampling
-  as counted), training = 3x forward (the usual forward + 2x backward convention; loss and
-  optimizer not counted), sliding window = windows x forward of one crop. MFU is printed where the
-  device's dense bf16 peak is known (H100 SXM / H200 989, H100 PCIe 756 TFLOP/s; TPU v4 275,
-  v5e 197); for float32 runs it is still relative to that bf16 peak.
+- achieved FLOP/s from the analytic count `segvit-compile` uses (`compile.forward_flops`: a
+  multiply-add counts 2, LayerNorm and upsampling as counted), training = 3x the train forward
+  (the usual forward + 2x backward convention; loss and optimizer not counted), eval step = every
+  model call it makes (`compile.eval_forwards`). MFU is printed where the device's dense bf16 peak
+  is known (H100 SXM / H200 989, H100 PCIe 756 TFLOP/s; TPU v4 275, v5e 197); for float32 runs it
+  is still relative to that bf16 peak.
 
-With `--torch`, the same measurements of `tests/torch_reference.py` (the official modules, eager
-PyTorch, `torch.set_num_threads` = the cores JAX gets; bfloat16 = `torch.autocast`) follow, side
-by side, with the ratio PyTorch time / JAX time (> 1: JAX is faster). Each framework runs in its own
-subprocess pinned to the same `--threads` cores, and the two take turns, one running at a time:
-a turn is a setup / compilation, or one measurement's warm-up call + `--steps` timed calls, and
-each measurement gets `--rounds` turns per framework. Each turn ends with a short pause so that
-the idle thread pools (OpenMP, Eigen) stop spin-waiting before the other process runs. Neither
-competes with the other, a slow drift in the speed of a shared machine affects both alike, and
-the memory peaks are separate.
+With `--torch`, the same measurements of the PyTorch reference (`segvit_reference`: the official
+modules and loss, eager PyTorch, mmseg's inference; `torch.set_num_threads` = the cores JAX gets;
+bfloat16 = `torch.autocast`) follow, side by side, with the ratio PyTorch time / JAX time (> 1:
+JAX is faster). Each framework runs in its own subprocess pinned to the same `--threads` cores.
+The two start up (imports) together, then take turns, one running at a time: a turn is a setup /
+compilation, or one measurement's warm-up call + `--steps` timed calls, and each measurement gets
+`--rounds` turns per framework. Each turn ends with a short pause so that the idle thread pools
+(OpenMP, Eigen) stop spin-waiting before the other process runs. Neither competes with the
+other, a slow drift in the speed of a shared machine affects both alike, and the memory peaks
+are separate.
 
 `--xla_flags=...` sets XLA_FLAGS for the JAX worker (experiments with XLA CPU options);
 `--breakdown` times the parts of the train step separately (backbone forward / backward, head,
-loss, optimizer) in both frameworks.
+loss, optimizer) in both frameworks; `--skip=infer,slide` measures the train step alone.
 """
 
 import json
@@ -51,7 +58,6 @@ from ml_collections import config_flags
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs/*.py import segvit_jax
 
 # Own flag registry: `segvit_jax.summary` defines --config / --json on the global one at import.
 FLAGS = flags.FlagValues()
@@ -84,12 +90,13 @@ _WORKER = flags.DEFINE_enum('worker', None, ['jax', 'torch'], 'Internal: run one
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Internal: the worker dtype.',
                              flag_values=FLAGS)
 
-# Dense bf16 peak FLOP/s by device kind substring.
+# Dense bf16 peak FLOP/s by device kind substring (`jax.Device.device_kind`).
 PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('TPU v4', 275e12),
               ('TPU v5 lite', 197e12), ('TPU v5e', 197e12))
 RESULT_PREFIX = 'RESULT '
-# Worker <-> parent turn-taking (see the module docstring): the parent writes GO_LINE, the worker
-# runs until its next turn would start and answers TURN_DONE (or exits after its RESULT line).
+# Worker <-> parent turn-taking (see the module docstring): each worker imports its framework and
+# answers TURN_DONE; then the parent writes GO_LINE, the worker runs until its next turn would
+# start and answers TURN_DONE (or exits after its RESULT line).
 GO_LINE = 'go'
 TURN_DONE = 'TURN_DONE'
 # Pause before handing the turn over: idle OpenMP threads spin for a while after a parallel region
@@ -174,20 +181,28 @@ def ade_like_labels(rng: np.random.Generator, batch: int, h: int, w: int, k: int
   return out
 
 
-def slide_windows(size, crop, stride) -> int:
-  """mmseg's number of sliding windows over an (h, w) image."""
-  n = 1
-  for s, c, st in zip(size, crop, stride):
-    n *= max(s - c + st - 1, 0) // st + 1
-  return n
+def random_images(rng: np.random.Generator, batch: int, hw, channels_first: bool = False
+                  ) -> np.ndarray:
+  """(B, H, W, 3) float32 (channels_first: (B, 3, H, W)) uniform in [-1, 1]: normalised pixels."""
+  h, w = hw
+  shape = (batch, 3, h, w) if channels_first else (batch, h, w, 3)
+  return rng.uniform(-1, 1, size=shape).astype(np.float32)
 
 
-def forward_flops(config, image_hw) -> float:
-  """FLOPs of one image's eval forward: 2 per multiply-add, norms and upsampling as counted."""
-  from segvit_jax import summary  # pylint: disable=g-import-not-at-top
-  breakdown = summary.model_flops(config.model, tuple(image_hw), batch=1)
-  return (2 * summary.total_flops(breakdown, ('matmul',))
-          + summary.total_flops(breakdown, ('norm', 'upsample')))
+def model_flops(config, slide_hw) -> Dict[str, float]:
+  """FLOPs per image of each measurement ('train', 'infer', 'slide'), as `segvit-compile` counts
+  them: `compile.forward_flops`, training 3x the train forward, the eval step every model call
+  `compile.eval_forwards` finds for a bucket of `slide_hw` (windows, TTA views)."""
+  from segvit_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  m = config.model
+  slide_config = config.copy_and_resolve_references()
+  slide_config.dataset.eval_pad_size = tuple(slide_hw)
+  return {
+      'train': 3 * compile_lib.forward_flops(m, config.dataset.crop_size, train=True),
+      'infer': compile_lib.forward_flops(m, m.img_size, train=False),
+      'slide': sum(n * compile_lib.forward_flops(m, hw, train=False)
+                   for hw, n in compile_lib.eval_forwards(slide_config)),
+  }
 
 
 def _cpu_name() -> str:
@@ -207,94 +222,81 @@ def _cpu_name() -> str:
 
 def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool):
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from segvit_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from segvit_jax import losses  # pylint: disable=g-import-not-at-top
-  from segvit_jax import optim  # pylint: disable=g-import-not-at-top
-  from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
+  from segvit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top
 
   config.model.dtype = dtype
-  model = segvit.build_model(config.model)
-  tx, _ = optim.make_optimizer(config)
-  h, w = config.model.img_size
+  config.mesh = 'data:1'
+  config.batch_size = batch
+  device = jax.devices()[0]
+  run = train.setup(config, [device])
   k = config.model.num_classes
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(-1, 1, size=(batch, h, w, 3)), jnp.float32)
-  labels = jnp.asarray(ade_like_labels(rng, batch, h, w, k))
-  device = jax.devices()[0]
+  crop = tuple(config.dataset.crop_size)
+  images = random_images(rng, batch, crop)
+  labels = ade_like_labels(rng, batch, *crop, k)
   out: Dict[str, Any] = {'framework': 'jax', 'version': jax.__version__,
                          'device': device.device_kind, 'platform': device.platform,
                          'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  params = jax.jit(lambda key: nn.unbox(model.init(
-      {'params': key}, jnp.zeros((1, h, w, 3)), train=False))['params'])(jax.random.key(0))
-  jax.block_until_ready(params)
-  out['init_s'] = time.perf_counter() - t0
+  def on_mesh(tree):  # laid out as the input pipeline lays out batches
+    return jax.tree.map(
+        lambda x: jax.device_put(x, sharding.batch_sharding(run.mesh, np.ndim(x))), tree)
 
-  def loss_fn(p, x, y, step):
-    outputs = model.apply({'params': p}, x, train=True,
-                          rngs={'dropout': jax.random.fold_in(jax.random.key(1), step)})
-    return losses.atm_loss(outputs, y, num_classes=k, **config.loss)[0]
-
-  def compile_(fn, *args, **kwargs):
+  def compile_(name, jitted, *args):
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, **kwargs).lower(*args).compile()
+    compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - t0
     try:  # XLA's buffer plan: the temporaries one call needs besides its arguments and outputs
       memory = compiled.memory_analysis()
-      out.setdefault('temp_mib', {})[getattr(fn, '__name__', 'fn')] = (
-          memory.temp_size_in_bytes / 2**20)
+      out.setdefault('temp_mib', {})[name] = memory.temp_size_in_bytes / 2**20
     except Exception:  # pylint: disable=broad-except
       pass
     return compiled, seconds
 
-  if 'train' not in skip:
-    def train_step(p, opt_state, x, y, step):
-      loss, grads = jax.value_and_grad(loss_fn)(p, x, y, step)
-      updates, opt_state = tx.update(grads, opt_state, p)
-      return jax.tree.map(jnp.add, p, updates), opt_state, loss
+  with jax.set_mesh(run.mesh):
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(train.create_state(run.model, run.tx, config, run.spec))
+    out['init_s'] = time.perf_counter() - t0
 
-    opt_state = jax.jit(tx.init)(params)
-    step_fn, out['compile_train_s'] = compile_(train_step, params, opt_state, images, labels, 0,
-                                               donate_argnums=(0, 1))
-    state = {'p': params, 'o': opt_state, 'i': 0}
+    if 'train' not in skip:
+      train_batch = on_mesh({'image': images, 'label': labels})
+      step_fn, out['compile_train_s'] = compile_(
+          'train_step', train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
+                                              run.spec.shardings), state, train_batch)
+      held = {'state': state}
 
-    def one_step():
-      state['p'], state['o'], loss = step_fn(state['p'], state['o'], images, labels, state['i'])
-      state['i'] += 1
-      out['last_loss'] = float(loss)  # blocks
+      def one_step():
+        held['state'], metrics = step_fn(held['state'], train_batch)  # the state is donated
+        out['last_loss'] = float(metrics['loss'])  # blocks
 
-    t = _timed(one_step, steps)
-    out['train'] = t
-    params = state['p']
-    del state
-    if breakdown:
-      out['breakdown'] = _jax_breakdown(model, tx, params, images, labels, config, steps)
+      out['train'] = _timed(one_step, steps)
+      state = held.pop('state')
+      if breakdown:
+        out['breakdown'] = _jax_breakdown(run.model, run.tx, state.params, images, labels,
+                                          config, steps)
 
-  variables = {'params': params}
-  if 'infer' not in skip:
-    def forward(v, x):
-      return model.apply(v, x, train=False)
+    variables = {'params': state.params}
+    if 'infer' not in skip:
+      crop_images = on_mesh(random_images(rng, batch, config.model.img_size))
+      forward = jax.jit(lambda v, x: run.model.apply(v, x, train=False))
+      fwd, out['compile_infer_s'] = compile_('forward', forward, variables, crop_images)
+      out['infer'] = _timed(lambda: fwd(variables, crop_images).block_until_ready(), steps)
 
-    fwd, out['compile_infer_s'] = compile_(forward, variables, images)
-    out['infer'] = _timed(lambda: fwd(variables, images).block_until_ready(), steps)
-
-  if 'slide' not in skip:
-    sh, sw = slide_hw
-    slide_images = jnp.asarray(rng.uniform(-1, 1, size=(batch, sh, sw, 3)), jnp.float32)
-    sizes = jnp.asarray([[sh, sw]] * batch, jnp.int32)
-    batch_ = {'image': slide_images, 'image_size': sizes, 'label_size': sizes}
-
-    def slide(v, b):
-      probs = evaluate.predict_probs(
-          lambda x: model.apply(v, x, train=False), b, eval_config=config.eval, num_classes=k,
-          output_shape=(sh, sw))
-      return jnp.argmax(probs, -1)
-
-    slide_fn, out['compile_slide_s'] = compile_(slide, variables, batch_)
-    out['slide'] = _timed(lambda: slide_fn(variables, batch_).block_until_ready(), steps)
+    if 'slide' not in skip:
+      sizes = np.asarray([slide_hw] * batch, np.int32)  # no test resize: image = label size
+      slide_batch = on_mesh({'image': random_images(rng, batch, slide_hw), 'image_size': sizes,
+                             'label': ade_like_labels(rng, batch, *slide_hw, k),
+                             'label_size': sizes, 'valid': np.ones(batch, bool)})
+      conf = jax.device_put(np.zeros((k, k), np.int32), sharding.replicated(run.mesh))
+      # As `segvit-compile` builds it: one program, the eval step of a run of this config.
+      eval_step = jax.jit(evaluators.make_eval_step(run.model, config),
+                          out_shardings=sharding.replicated(run.mesh))
+      slide_fn, out['compile_slide_s'] = compile_('slide', eval_step, variables, slide_batch,
+                                                  conf)
+      out['slide'] = _timed(lambda: slide_fn(variables, slide_batch, conf).block_until_ready(),
+                            steps)
 
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
@@ -367,8 +369,7 @@ def _jax_breakdown(model, tx, params, images, labels, config, steps):
 
 
 def _torch_model(config):
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  import segvit_reference as ref  # pylint: disable=g-import-not-at-top
   c = config.model
   if c.img_size[0] != c.img_size[1] or c.patch_size != 16:
     raise ValueError('The PyTorch reference supports square img_size and patch 16 only; got '
@@ -377,27 +378,26 @@ def _torch_model(config):
   if not shrunk and c.use_stages != len(c.out_indices):
     raise ValueError('The PyTorch reference uses every out_index as a stage; config has '
                      f'use_stages={c.use_stages}, out_indices={tuple(c.out_indices)}.')
-  model = torch_reference.build(
+  model = ref.build(
       'shrunk' if shrunk else 'plain', img_size=c.img_size[0], embed_dims=c.embed_dim,
       num_layers=c.depth, num_heads=c.num_heads, out_indices=tuple(c.out_indices),
       decoder_dims=c.decoder_dim, decoder_heads=c.decoder_heads, decoder_layers=c.decoder_layers,
       num_classes=c.num_classes, shrink_idx=c.shrink_index, mlp_ratio=c.mlp_ratio,
       dropout=c.decoder_dropout, drop_path_rate=c.drop_path_rate)
-  return model, torch_reference
+  return model, ref
 
 
 def run_torch(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool,
               threads: int):
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model, ref = _torch_model(config)
-  h, w = config.model.img_size
   k = config.model.num_classes
   rng = np.random.default_rng(0)
-  images = torch.from_numpy(rng.uniform(-1, 1, size=(batch, 3, h, w)).astype(np.float32))
-  labels = torch.from_numpy(ade_like_labels(rng, batch, h, w, k).astype(np.int64))
+  crop = tuple(config.dataset.crop_size)
+  images = torch.from_numpy(random_images(rng, batch, crop, channels_first=True))
+  labels = torch.from_numpy(ade_like_labels(rng, batch, *crop, k).astype(np.int64))
   autocast = dtype == 'bfloat16'
   out: Dict[str, Any] = {'framework': 'torch', 'version': torch.__version__,
                          'threads': torch.get_num_threads(), 'device': 'cpu'}
@@ -434,34 +434,22 @@ def run_torch(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakd
 
   model.eval()
   if 'infer' not in skip:
+    crop_images = torch.from_numpy(random_images(rng, batch, config.model.img_size,
+                                                 channels_first=True))
+
     def infer():
       with torch.inference_mode(), amp():
-        model.forward_all(images)['scores']
+        model.forward_all(crop_images)['scores']
     out['infer'] = _timed(infer, steps)
 
   if 'slide' not in skip:
-    sh, sw = slide_hw
-    slide_images = torch.from_numpy(rng.uniform(-1, 1, size=(batch, 3, sh, sw)).astype(np.float32))
-    crop = tuple(config.eval.crop_size)
-    stride = tuple(config.eval.stride)
+    slide_images = torch.from_numpy(random_images(rng, batch, slide_hw, channels_first=True))
+    e = config.eval
 
-    def slide():  # mmseg's slide_inference, then resize (identity here), softmax, argmax
+    def slide():  # mmseg's inference (slide or whole, resize to the original size), argmax
       with torch.inference_mode(), amp():
-        grid_h = max(sh - crop[0] + stride[0] - 1, 0) // stride[0] + 1
-        grid_w = max(sw - crop[1] + stride[1] - 1, 0) // stride[1] + 1
-        preds = slide_images.new_zeros((batch, k, sh, sw))
-        count = slide_images.new_zeros((batch, 1, sh, sw))
-        for i in range(grid_h):
-          for j in range(grid_w):
-            y1 = max(min(i * stride[0], sh - crop[0]), 0)
-            x1 = max(min(j * stride[1], sw - crop[1]), 0)
-            y2, x2 = min(y1 + crop[0], sh), min(x1 + crop[1], sw)
-            scores = model.forward_all(slide_images[:, :, y1:y2, x1:x2])['scores']
-            preds[:, :, y1:y2, x1:x2] += scores.float()
-            count[:, :, y1:y2, x1:x2] += 1
-        probs = F.softmax(F.interpolate(preds / count, size=(sh, sw), mode='bilinear',
-                                        align_corners=False), dim=1)
-        probs.argmax(1)
+        ref.inference(model, slide_images, mode=e.mode, crop_size=tuple(e.crop_size),
+                      stride=tuple(e.stride), num_classes=k).argmax(1)
     out['slide'] = _timed(slide, steps)
   out['peak_rss_mib'] = _peak_rss_mib()
   return out
@@ -534,12 +522,33 @@ def _torch_breakdown(model, images, labels, loss_of, amp, opt, steps):
 def _worker_command(framework: str, dtype: str) -> List[str]:
   passthrough = [a for a in sys.argv[1:] if not a.startswith(('--worker', '--dtype=', '--dtypes',
                                                           '--torch', '--notorch', '--json'))]
-  return [sys.executable, os.path.abspath(__file__), *passthrough, f'--worker={framework}',
+  return [sys.executable, '-m', __spec__.name, *passthrough, f'--worker={framework}',
           f'--dtype={dtype}']
 
 
+def _until_turn_done(framework: str, procs, results: Dict[str, Dict[str, Any]],
+                     dtype: str) -> bool:
+  """Reads a worker's output until it hands the machine back (True) or ends (False)."""
+  proc, stderr = procs[framework]
+  while True:
+    line = proc.stdout.readline()
+    if line.startswith(RESULT_PREFIX):
+      results[framework] = json.loads(line[len(RESULT_PREFIX):])
+    elif line.strip() == TURN_DONE:
+      return True
+    elif not line:
+      status = proc.wait()
+      if framework not in results:
+        for other, _ in procs.values():
+          other.kill()
+        stderr.seek(0)
+        raise RuntimeError(f'{framework} worker ({dtype}) failed with status {status}:\n'
+                           f'{stderr.read()[-4000:]}')
+      return False
+
+
 def _run_workers(frameworks: Sequence[str], dtype: str) -> Dict[str, Dict[str, Any]]:
-  """Runs one worker per framework, concurrently started, in strict alternation of turns."""
+  """Runs one worker per framework: imports at once, then in strict alternation of turns."""
   procs = {}
   for framework in frameworks:
     env = dict(os.environ)
@@ -553,38 +562,24 @@ def _run_workers(frameworks: Sequence[str], dtype: str) -> Dict[str, Dict[str, A
   print(f'[{dtype}] running {" and ".join(frameworks)} in alternation...', file=sys.stderr,
         flush=True)
   results: Dict[str, Dict[str, Any]] = {}
+  for framework in frameworks:  # every worker has imported its framework: no turn runs yet
+    _until_turn_done(framework, procs, results, dtype)
   running = list(frameworks)
   while running:
     for framework in list(running):
-      proc, stderr = procs[framework]
+      proc, _ = procs[framework]
       proc.stdin.write(GO_LINE + '\n')
       proc.stdin.flush()
-      while True:  # its turn: until it hands the machine back or ends
-        line = proc.stdout.readline()
-        if line.startswith(RESULT_PREFIX):
-          results[framework] = json.loads(line[len(RESULT_PREFIX):])
-        elif line.strip() == TURN_DONE:
-          break
-        elif not line:
-          status = proc.wait()
-          running.remove(framework)
-          if framework not in results:
-            for other, _ in procs.values():
-              other.kill()
-            stderr.seek(0)
-            raise RuntimeError(f'{framework} worker ({dtype}) failed with status {status}:\n'
-                               f'{stderr.read()[-4000:]}')
-          break
+      if not _until_turn_done(framework, procs, results, dtype):
+        running.remove(framework)
   return results
 
 
-def _derived(result: Dict[str, Any], config, batch: int, slide_hw) -> Dict[str, Any]:
-  """images/s, FLOP/s and MFU of a worker's raw timings."""
-  fwd = forward_flops(config, config.model.img_size)
-  windows = slide_windows(slide_hw, config.eval.crop_size, config.eval.stride)
+def _derived(result: Dict[str, Any], flops: Dict[str, float], batch: int) -> Dict[str, Any]:
+  """images/s, FLOP/s and MFU of a worker's raw timings; `flops` per image (`model_flops`)."""
   peak = next((p for name, p in PEAK_FLOPS if name in result.get('device', '')), None)
   d = {}
-  for key, flops_per_image in (('train', 3 * fwd), ('infer', fwd), ('slide', windows * fwd)):
+  for key, flops_per_image in flops.items():
     if key in result:
       s = result[key]['median_s']
       d[f'{key}_s'] = s
@@ -599,9 +594,9 @@ def _fmt(v, spec='.3g') -> str:
   return '-' if v is None else format(v, spec)
 
 
-def _table(config, batch, dtype, slide_hw, jax_r, torch_r) -> str:
-  jd = _derived(jax_r, config, batch, slide_hw)
-  td = _derived(torch_r, config, batch, slide_hw) if torch_r else {}
+def _table(flops, batch, slide_hw, jax_r, torch_r) -> str:
+  jd = _derived(jax_r, flops, batch)
+  td = _derived(torch_r, flops, batch) if torch_r else {}
   rows = [
       ('compile train step (s)', jax_r.get('compile_train_s'), None, False),
       ('compile forward (s)', jax_r.get('compile_infer_s'), None, False),
@@ -645,6 +640,34 @@ def _table(config, batch, dtype, slide_hw, jax_r, torch_r) -> str:
   return '\n'.join(lines)
 
 
+def _import_framework(framework: str) -> None:
+  """Imports what a worker measures, before its first turn: startup is not measured, and the
+  workers' imports run at the same time."""
+  if framework == 'jax':
+    from segvit_jax import evaluators, train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  else:
+    import segvit_reference  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
+def _worker(config, batch: int, slide_hw) -> None:
+  """One framework's measurements, in the turns the parent gives; prints the RESULT line."""
+  threads = _pin_threads(_THREADS.value)
+  _import_framework(_WORKER.value)
+  print(TURN_DONE, flush=True)
+  _await_turn()
+  load_start = os.getloadavg()[0]
+  if _WORKER.value == 'jax':
+    result = run_jax(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
+                     _BREAKDOWN.value)
+  else:
+    result = run_torch(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
+                       _BREAKDOWN.value, threads)
+  result['threads'] = threads
+  result['turn_spans'] = _TURN_SPANS
+  result['load_average'] = [load_start, os.getloadavg()[0]]  # 1-minute, at start and end
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
 def main(argv):
   del argv  # everything is in FLAGS
   config = _CONFIG.value
@@ -653,29 +676,17 @@ def main(argv):
   slide_hw = tuple(int(s) for s in _SLIDE.value)
   batch = _BATCH.value
   if _WORKER.value:
-    _await_turn()
-    threads = _pin_threads(_THREADS.value)
-    load_start = os.getloadavg()[0]
-    if _WORKER.value == 'jax':
-      result = run_jax(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
-                       _BREAKDOWN.value)
-    else:
-      result = run_torch(config, batch, _DTYPE.value, _STEPS.value, slide_hw, set(_SKIP.value),
-                         _BREAKDOWN.value, threads)
-    result['threads'] = threads
-    result['turn_spans'] = _TURN_SPANS
-    result['load_average'] = [load_start, os.getloadavg()[0]]  # 1-minute, at start and end
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    _worker(config, batch, slide_hw)
     return
 
   threads = _THREADS.value or len(os.sched_getaffinity(0))
   m = config.model
+  flops = model_flops(config, slide_hw)
   header = (f'{m.name} embed {m.embed_dim} depth {m.depth}, crop {tuple(m.img_size)}, '
             f'K={m.num_classes}, batch {batch}; {threads} threads of {_cpu_name()}; '
             f'load average {os.getloadavg()[0]:.2f}')
   print(header)
-  print(f'forward GFLOPs per image (summary, 2 per multiply-add): '
-        f'{forward_flops(config, m.img_size) / 1e9:.1f}')
+  print(f'forward GFLOPs per image (summary, 2 per multiply-add): {flops["infer"] / 1e9:.1f}')
   all_results = {'header': header, 'command': ' '.join(sys.argv), 'runs': []}
   for dtype in _DTYPES.value:
     results = _run_workers(['jax', 'torch'] if _TORCH.value else ['jax'], dtype)
@@ -685,17 +696,18 @@ def main(argv):
           + (f', torch {torch_r["version"]}' if torch_r else '')
           + f'; 1-min load average {min(loads):.1f}..{max(loads):.1f}'
           + (f', XLA_FLAGS={jax_r["xla_flags"]}' if jax_r['xla_flags'] else '') + ')')
-    print(_table(config, batch, dtype, slide_hw, jax_r, torch_r), flush=True)
+    print(_table(flops, batch, slide_hw, jax_r, torch_r), flush=True)
     all_results['runs'].append({'dtype': dtype, 'jax': jax_r, 'torch': torch_r,
-                                'jax_derived': _derived(jax_r, config, batch, slide_hw),
-                                'torch_derived': torch_r and _derived(torch_r, config, batch,
-                                                                      slide_hw)})
+                                'jax_derived': _derived(jax_r, flops, batch),
+                                'torch_derived': torch_r and _derived(torch_r, flops, batch)})
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(all_results, f, indent=2)
 
 
 if __name__ == '__main__':
+  if not __package__:  # `python bench/throughput.py`: neither the root's packages nor `-m` workers
+    sys.exit('Run from the repository root: python -m bench.throughput --config=...')
   try:
     main(FLAGS(sys.argv))
   except flags.Error as e:

@@ -457,7 +457,7 @@ def add_roofline(report: StepReport, model_flops: float, chip: Optional[Chip]) -
   report.roofline_mfu = model_flops / chip.peak_flops / report.roofline_step_s
 
 
-def _forward_flops(model_config: ml_collections.ConfigDict, image_hw, *, train: bool) -> float:
+def forward_flops(model_config: ml_collections.ConfigDict, image_hw, *, train: bool) -> float:
   """Hardware FLOPs of one forward pass (batch 1) from `summary`'s analytic count.
 
   summary counts a multiply-add as one FLOP (fvcore's convention): matmuls count twice here.
@@ -470,10 +470,6 @@ def _forward_flops(model_config: ml_collections.ConfigDict, image_hw, *, train: 
                               'head/resize_to_input')}
   return (2 * summary.total_flops(breakdown, ('matmul',))
           + summary.total_flops(breakdown, ('norm', 'upsample')))
-
-
-def _windows(size: int, crop: int, stride: int) -> int:
-  return max(size - crop + stride - 1, 0) // stride + 1  # mmseg's grid (evaluate.slide_inference)
 
 
 def eval_forwards(config: ml_collections.ConfigDict) -> list:
@@ -493,7 +489,8 @@ def eval_forwards(config: ml_collections.ConfigDict) -> list:
     if e.mode == 'whole':
       out.append((size, len(flips)))
     else:
-      grid = [_windows(max(s, c), c, int(st)) for s, c, st in zip(size, crop, e.stride)]
+      grid = [evaluate.window_count(max(s, c), c, int(st))
+              for s, c, st in zip(size, crop, e.stride)]
       out.append((crop, len(flips) * grid[0] * grid[1]))
   return out
 
@@ -502,8 +499,8 @@ def model_flops_per_chip(config: ml_collections.ConfigDict, chips: int, *, train
                          eval_batch: int) -> tuple:
   """(train, eval) model FLOPs per chip per step: 3 x forward for train, every eval view."""
   m = config.model
-  train = 3 * _forward_flops(m, config.dataset.crop_size, train=True) * train_batch / chips
-  per_image = sum(n * _forward_flops(m, hw, train=False) for hw, n in eval_forwards(config))
+  train = 3 * forward_flops(m, config.dataset.crop_size, train=True) * train_batch / chips
+  per_image = sum(n * forward_flops(m, hw, train=False) for hw, n in eval_forwards(config))
   return train, per_image * eval_batch / chips
 
 

@@ -162,8 +162,14 @@ def _scaled_bucket(bucket: Tuple[int, int], img_scale: Sequence[int], ratio: flo
 # Inference on a padded batch.
 
 
-def _window_grid(size, crop: int, stride: int):
-  """mmseg's number of windows along one axis: max(size - crop + stride - 1, 0) // stride + 1."""
+def window_count(size, crop: int, stride: int):
+  """mmseg's number of sliding windows along one axis, max(size - crop + stride - 1, 0) // stride
+  + 1 (mmseg/models/segmentors/encoder_decoder.py, `slide_inference`).
+
+  `size`: a Python int (returns an int: static window counts) or an int array, traced or not.
+  """
+  if isinstance(size, (int, np.integer)):
+    return max(int(size) - crop + stride - 1, 0) // stride + 1
   return jnp.maximum(size - crop + stride - 1, 0) // stride + 1
 
 
@@ -201,9 +207,8 @@ def slide_inference(score_fn: ScoreFn, images: jnp.ndarray, image_size: jnp.ndar
     images = jnp.pad(images, ((0, 0), (0, hp - hb), (0, wp - wb), (0, 0)))
   image_size = jnp.asarray(image_size, jnp.int32)
   h, w = image_size[:, 0], image_size[:, 1]
-  grid_h, grid_w = _window_grid(h, ch, sh), _window_grid(w, cw, sw)
-  max_h = int(max(hp - ch + sh - 1, 0) // sh + 1)
-  max_w = int(max(wp - cw + sw - 1, 0) // sw + 1)
+  grid_h, grid_w = window_count(h, ch, sh), window_count(w, cw, sw)
+  max_h, max_w = window_count(hp, ch, sh), window_count(wp, cw, sw)
 
   crop = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (ch, cw, c)))
 

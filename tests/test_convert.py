@@ -1,7 +1,7 @@
 """The checkpoint converter: CLI, config parsing, strictness, error messages, backbone inits.
 
 Numerical parity of converted models lives in test_parity.py; here the checkpoints are tiny
-official-layout models from torch_reference.py (plain: ViT 64x4 + ATMHead d 32, K = 7).
+official-layout models from `segvit_reference` (plain: ViT 64x4 + ATMHead d 32, K = 7).
 """
 
 import json
@@ -28,7 +28,7 @@ from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
-import torch_reference as ref
+import segvit_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 7

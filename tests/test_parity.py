@@ -1,7 +1,7 @@
 """Layer-by-layer parity: official-layout PyTorch model -> mmcv checkpoint -> CLI -> JAX model.
 
 A small model of each variant (plain ViT + ATMHead, vit_shrink + TPNATMHead) is built with the
-PyTorch reference in `torch_reference.py` (written from the reference document, official
+PyTorch reference `segvit_reference` (written from the official code, with the official
 state-dict keys), given noisy weights that make the outputs informative, saved as an mmcv
 checkpoint whose `meta['config']` describes it, and converted with
 `python -m segvit_jax.convert`. On the same inputs we compare, in float32:
@@ -27,7 +27,7 @@ from segvit_jax import losses
 from segvit_jax import predict
 from segvit_jax.models import atm
 from segvit_jax.models import segvit
-import torch_reference as ref
+import segvit_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
