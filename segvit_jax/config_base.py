@@ -1,4 +1,5 @@
-"""The keys every config has, with the official recipe's defaults (reference sections 2, 3, 6, 7).
+"""The keys every config has, with the official recipe's defaults
+(official `configs/_base_/models/seg_vit-b16.py` and `configs/segvit/segvit_vit-l_jax_*.py`).
 
 The files in `configs/` start from `get_base_config()` and change what their paper setting changes.
 Users override any key from the command line: `--config.batch_size=8 --config.mesh=data:4,model:2`.
@@ -30,7 +31,8 @@ def vit_large(model: ml_collections.ConfigDict) -> None:
 
 
 def shrunk(model: ml_collections.ConfigDict) -> None:
-  """The Shrunk variant: QD at block 8 of ViT-L, QU head + single-stage ATM (reference section 4)."""
+  """The Shrunk variant: QD at block 8 of ViT-L, QU head + single-stage ATM (official
+  `backbone/vit_shrink.py`, `decode_heads/tpn_atm_head.py`)."""
   model.name = 'segvit_shrunk'
   model.shrink_index = 8
   model.out_indices = (7, 23)
@@ -90,7 +92,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 16_000
   config.keep_checkpoints = 3  # the last N; the best by mIoU is kept as well
-  config.mesh = 'data:-1'  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
+  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
+  config.mesh = 'data:-1'
   config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
   config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
 

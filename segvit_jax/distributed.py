@@ -47,7 +47,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                      '--coordinator_address, --num_processes and --process_id, or none).')
   if given:
     if not 0 <= process_id < num_processes:
-      raise ValueError(f'--process_id={process_id} must be in [0, --num_processes={num_processes}).')
+      raise ValueError(f'--process_id={process_id} must be in '
+                       f'[0, --num_processes={num_processes}).')
     logging.info('jax.distributed: process %d of %d, coordinator %s.', process_id, num_processes,
                  coordinator_address)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,

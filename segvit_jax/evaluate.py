@@ -1,4 +1,5 @@
-"""Evaluation as mmseg 0.24's `EncoderDecoder` does it (reference 7), with static shapes under jit.
+"""Evaluation as mmseg 0.24's `EncoderDecoder` does it
+(`mmseg/models/segmentors/encoder_decoder.py`), with static shapes under jit.
 
     eval_step = make_eval_step(model, config.eval, K,                # (variables, batch, conf)
                                test_img_scale=config.dataset.test_img_scale,
@@ -26,7 +27,7 @@ Deviations from mmseg, all forced by static shapes or by what the batch carries:
   official single-scale test resizes this needs an aspect ratio above 3.2 (ADE: short side 640 =
   crop, long side <= 2048) and never happens on COCO-Stuff / PASCAL-Context (`min_size` >= crop);
   in multi-scale TTA it happens on ADE at ratios 0.5 / 0.75, where the unmodified official code
-  would crash instead (reference 7).
+  would crash instead (`mmseg/models/segmentors/encoder_decoder.py`).
 - `mode='whole'` runs the model on the padded bucket, not on the image at its own size.
 - Multi-scale TTA resizes the batch's scale-1 image (already resized by the test rule) to each
   scale's size in-graph; mmseg resizes the original image (cv2 bilinear) for each ratio. The

@@ -1,4 +1,5 @@
-"""The ATM loss of SegViT (reference section 5): class CE + sigmoid focal + dice, no matching.
+"""The ATM loss of SegViT (official `losses/atm_loss.py`, `losses/criterion.py`): class CE +
+sigmoid focal + dice, no matching.
 
 Query c is assigned to class c (the ATM head has exactly one query per class), so the targets are
 read straight from the label map and every shape is static under `jit`:

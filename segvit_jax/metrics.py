@@ -1,4 +1,4 @@
-"""Semantic segmentation metrics as mmseg 0.24 defines them (reference 7).
+"""Semantic segmentation metrics as mmseg 0.24 defines them (`mmseg/core/evaluation/metrics.py`).
 
 Two steps, so that the expensive one can run on device inside `jit` and sum over hosts:
 

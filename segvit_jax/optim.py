@@ -1,4 +1,5 @@
-"""The official optimizer recipe as an optax transformation (reference sections 6.1, 6.2).
+"""The official optimizer recipe as an optax transformation (the official configs' AdamW +
+poly schedule, grouped as mmcv 1.4.4's `DefaultOptimizerConstructor` groups them).
 
 mmcv 1.4.4 builds AdamW with parameter groups from `paramwise_cfg.custom_keys`
 {'head': lr x10, 'norm': decay 0, 'ln': decay 0}; the first matching key wins and 'head' is tried

@@ -8,7 +8,7 @@ Parameters come from the real model (`jax.eval_shape` of `init`: nothing is mate
 
 GFLOPs are an analytic count of the official PyTorch model as fvcore's `FlopCountAnalysis` sees it
 (the paper's numbers come from `tools/get_flops_fvcore.py`), batch 1, by default at the config's
-crop size `config.model.img_size`. fvcore's conventions (reference section 8.3):
+crop size `config.model.img_size`. fvcore's conventions (official `tools/get_flops_fvcore.py`):
 - linear, matmul, bmm, einsum and convolution: one multiply-add = one FLOP;
 - LayerNorm with affine parameters: 5 per input element;
 - bilinear upsampling: 4 per OUTPUT element, also when input and output sizes are equal

@@ -329,7 +329,7 @@ def test_train_transform_matches_reference():
   rng = np.random.default_rng(4)
   flips = pads = 0
   transform = _graph(
-      lambda i, l, s: augment.train_transform(i, l, s, photometric=False, **TRAIN_KW),
+      lambda i, lbl, s: augment.train_transform(i, lbl, s, photometric=False, **TRAIN_KW),
       _U8_IMAGE, _U8_LABEL, _SEED)
   for i in range(24):
     h, w = (int(v) for v in rng.integers(20, 90, 2))
@@ -360,7 +360,7 @@ def test_image_and_label_crops_coincide():
   rng = np.random.default_rng(5)
   kw = dict(TRAIN_KW, img_scale=(10_000, 40), ratio_range=(1.0, 1.0), mean=(0.0, 0.0, 0.0),
             std=(1.0, 1.0, 1.0), crop_size=(24, 24))
-  transform = _graph(lambda i, l, s: augment.train_transform(i, l, s, photometric=False, **kw),
+  transform = _graph(lambda i, lbl, s: augment.train_transform(i, lbl, s, photometric=False, **kw),
                      _U8_IMAGE, _U8_LABEL, _SEED)
   flipped = 0
   for i in range(20):

@@ -6,18 +6,16 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_throughput_runs_jax_and_torch_in_alternation(tmp_path):
+def test_throughput_runs_jax_and_torch_in_alternation(tmp_path, repo_root):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'bench', 'throughput.py'),
-       '--config=' + os.path.join(ROOT, 'configs', 'synthetic.py'),
+      [sys.executable, '-m', 'bench.throughput',
+       '--config=' + os.path.join(repo_root, 'configs', 'synthetic.py'),
        '--config.model.patch_size=16',  # the PyTorch reference's patch size
        '--batch_size=2', '--steps=2', '--rounds=2', '--slide_size=64,96', '--torch',
        f'--json={out}'],
-      capture_output=True, text=True, timeout=600, cwd=ROOT)
+      capture_output=True, text=True, timeout=600, cwd=repo_root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'PyTorch/JAX' in proc.stdout
   run = json.loads(out.read_text())['runs'][0]

@@ -221,7 +221,8 @@ def test_a_different_model_config_is_named_by_its_keys(tmp_path):
   assert '\n' not in message and 'partial_restore' not in message
   deeper = tiny_config(depth=3, out_indices=(0, 2))
   with pytest.raises(UserError, match=r'does not fit the model of the config: \d+ missing: '
-                                      r'backbone/blocks_0_2/.*; \d+ unexpected: backbone/blocks_0_1/'):
+                                      r'backbone/blocks_0_2/.*; \d+ unexpected: '
+                                      r'backbone/blocks_0_1/'):
     checkpoint.load_params(directory, abstract_params(deeper))
 
 

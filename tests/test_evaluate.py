@@ -1,4 +1,5 @@
-"""evaluate.py against numpy / PyTorch re-implementations of mmseg's test path (reference 7)."""
+"""evaluate.py against numpy / PyTorch re-implementations of mmseg's test path
+(`mmseg/models/segmentors/encoder_decoder.py`)."""
 
 import os
 import subprocess
@@ -282,12 +283,12 @@ def test_predict_matches_reference(mode):
 def reference_metrics(preds, labels):
   """mIoU / mAcc / aAcc from flat pixel lists, independently of segvit_jax.metrics."""
   inter, area_pred, area_label = np.zeros(K), np.zeros(K), np.zeros(K)
-  for p, l in zip(preds, labels):
-    keep = l != IGNORE
-    p, l = p[keep], l[keep]
-    inter += np.bincount(p[p == l], minlength=K)
+  for p, lbl in zip(preds, labels):
+    keep = lbl != IGNORE
+    p, lbl = p[keep], lbl[keep]
+    inter += np.bincount(p[p == lbl], minlength=K)
     area_pred += np.bincount(p, minlength=K)
-    area_label += np.bincount(l, minlength=K)
+    area_label += np.bincount(lbl, minlength=K)
   with np.errstate(divide='ignore', invalid='ignore'):
     iou = inter / (area_pred + area_label - inter)
     acc = inter / area_label
@@ -318,7 +319,7 @@ def test_eval_loop_matches_numpy_metrics():
       labels.append(batch['label'][i, :lh, :lw].ravel())
   want = reference_metrics(preds, labels)
   assert got['num_batches'] == 2
-  assert got['confusion_matrix'].sum() == sum((l != IGNORE).sum() for l in labels)
+  assert got['confusion_matrix'].sum() == sum((lbl != IGNORE).sum() for lbl in labels)
   for key in ('miou', 'macc', 'aacc'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-12)
   np.testing.assert_allclose(got['per_class_iou'], want['iou'], rtol=1e-12)
@@ -479,6 +480,6 @@ def test_make_eval_step_with_tiny_segvit_matches_window_loop():
   step = evaluate.make_eval_step(model, config, k)
   got = evaluate.evaluate(step, variables, [batch], num_classes=k)
   conf = np.zeros((k, k), np.int64)
-  for p, l in zip(preds, labels):
-    np.add.at(conf, (l[l != IGNORE], p[l != IGNORE]), 1)
+  for p, lbl in zip(preds, labels):
+    np.add.at(conf, (lbl[lbl != IGNORE], p[lbl != IGNORE]), 1)
   np.testing.assert_array_equal(got['confusion_matrix'], conf)

@@ -62,7 +62,7 @@ def make_source_fn(num=NUM):
     count = base + (shard_index < extra)
     ds = tf.data.Dataset.from_tensor_slices((images, labels, sizes, names))
     ds = ds.skip(start).take(count)
-    return ds.map(lambda i, l, s, n: {'image': i[:s[0], :s[1]], 'label': l[:s[0], :s[1]],
+    return ds.map(lambda i, lbl, s, n: {'image': i[:s[0], :s[1]], 'label': lbl[:s[0], :s[1]],
                                       'file_name': n})
 
   return source_fn
@@ -347,7 +347,8 @@ def test_global_batch_on_simulated_devices():
 def test_with_a_tfds_build(tmp_path):
   """The TFDS source (sharded even splits, decoding in the graph) through both pipelines."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from segvit_jax import datasets  # pylint: disable=g-import-not-at-top,unused-import
+  # Imported for its side effect: it registers the TFDS builder 'ade20k' used below.
+  from segvit_jax import datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   try:
     from tests import official_layouts as layouts  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -1,4 +1,5 @@
-"""ATM loss vs an independent per-image numpy reference written from reference section 5."""
+"""ATM loss vs an independent per-image numpy reference written from the official
+`losses/atm_loss.py`."""
 
 import functools
 

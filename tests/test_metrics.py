@@ -23,10 +23,10 @@ def mmseg_like_eval(preds, labels, k):
   area_label = np.zeros(k)
   for pred, label in zip(preds, labels):
     mask = label != IGNORE
-    p, l = pred[mask], label[mask]
-    i = _histogram(p[p == l], k)
+    p, lbl = pred[mask], label[mask]
+    i = _histogram(p[p == lbl], k)
     ap = _histogram(p, k)
-    al = _histogram(l, k)
+    al = _histogram(lbl, k)
     inter += i
     area_pred += ap
     area_label += al
@@ -45,9 +45,9 @@ def mmseg_like_eval(preds, labels, k):
 def loop_confusion(preds, labels, k):
   conf = np.zeros((k, k), np.int64)
   for pred, label in zip(preds, labels):
-    for p, l in zip(pred.ravel(), label.ravel()):
-      if l != IGNORE:
-        conf[l, p] += 1
+    for p, lbl in zip(pred.ravel(), label.ravel()):
+      if lbl != IGNORE:
+        conf[lbl, p] += 1
   return conf
 
 
@@ -73,7 +73,7 @@ def random_split(seed, k=7, sizes=((5, 9), (8, 8), (3, 11))):
 def test_metrics_match_independent_numpy(seed):
   k = 7
   preds, labels, absent, predicted_only = random_split(seed, k)
-  conf = sum(np.asarray(metrics.confusion_matrix(p, l, k)) for p, l in zip(preds, labels))
+  conf = sum(np.asarray(metrics.confusion_matrix(p, lbl, k)) for p, lbl in zip(preds, labels))
   got = metrics.segmentation_metrics(conf)
   want = mmseg_like_eval(preds, labels, k)
   np.testing.assert_allclose(got['miou'], want['miou'], rtol=1e-12)
@@ -113,7 +113,7 @@ def test_confusion_matrix_under_jit_with_valid_mask():
   label[rng.random(label.shape) < 0.25] = IGNORE
   pred = rng.integers(0, k, size=(2, 6, 7))
   valid = rng.random(label.shape) < 0.7
-  fn = jax.jit(lambda p, l, v: metrics.confusion_matrix(p, l, k, valid=v))
+  fn = jax.jit(lambda p, lbl, v: metrics.confusion_matrix(p, lbl, k, valid=v))
   got = np.asarray(fn(pred, label, valid))
   assert got.dtype == np.int32 and got.shape == (k, k)
   masked = np.where(valid, label, IGNORE)

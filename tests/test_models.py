@@ -120,7 +120,8 @@ def test_jitted_gradient_reaches_every_parameter(name, shape):
     mask_layers = [("['head']['atm']['decoder_1']['layers']", i) for i in (0, 1, 2)]
   for layer, i in mask_layers:
     assert np.max(np.abs(flat[layer + "['cross_attn']['key']['bias']"][i])) > 1e-6, (layer, i)
-  moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables['params'], new_params)
+  moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables['params'],
+                                 new_params)
   assert moved['head']['queries'] and moved['backbone']['patch_embed']['kernel']
 
 

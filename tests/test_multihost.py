@@ -65,7 +65,7 @@ def _finish(procs, timeout):
 def _eval_records(workdir):
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f if '"val/miou"' in l]
+    return [json.loads(ln) for ln in f if '"val/miou"' in ln]
 
 
 @pytest.fixture(scope='module')
@@ -137,10 +137,10 @@ def test_killing_one_process_ends_the_other(tmp_path):
   assert procs[0].returncode != 0, out[-4000:]
   assert waited < 120, waited
   # JAX's coordination service names the dead task before it aborts the survivor.
-  reasons = [l for l in out.splitlines() if re.match(r'[EF]\d{4} ', l)]
+  reasons = [ln for ln in out.splitlines() if re.match(r'[EF]\d{4} ', ln)]
   print(f'process 0 exited {procs[0].returncode} {waited:.1f} s after process 1 was killed:\n' +
         '\n'.join(reasons[-6:]))
-  assert any('another task died' in l or 'stopped sending heartbeats' in l for l in reasons), \
+  assert any('another task died' in ln or 'stopped sending heartbeats' in ln for ln in reasons), \
       out[-4000:]
   assert 2 in tiny_runs.steps(workdir)  # the job can restart from the last checkpoint
 

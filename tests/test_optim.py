@@ -69,7 +69,8 @@ def _tiny_params(rng):
   }
 
 
-# The groups written out by hand (reference 6.2), independent of optim's path rules.
+# The groups written out by hand (as mmcv 1.4.4's `DefaultOptimizerConstructor` forms them),
+# independent of optim's path rules.
 _NO_DECAY = {'backbone/block_0/ln1/scale', 'backbone/block_0/ln1/bias',
              'backbone/block_0/ln2/scale', 'backbone/block_0/ln2/bias'}
 

@@ -1,4 +1,5 @@
-"""resize.py against PyTorch's F.interpolate (align_corners=False) for the kernels the model uses."""
+"""resize.py against PyTorch's F.interpolate (align_corners=False) for the kernels the model
+uses."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from segvit_jax import resize
 
 
-@pytest.mark.parametrize('in_hw,out_hw', [((4, 6), (64, 96)), ((7, 5), (3, 11)), ((24, 24), (40, 40)),
+@pytest.mark.parametrize('in_hw,out_hw', [((4, 6), (64, 96)), ((7, 5), (3, 11)),
+                                          ((24, 24), (40, 40)),
                                           ((40, 40), (30, 30)), ((5, 9), (5, 9)),
                                           ((2048, 7), (683, 5)), ((999, 3), (1333, 4))])
 @pytest.mark.parametrize('mode', ['bilinear', 'bicubic'])

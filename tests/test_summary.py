@@ -1,5 +1,6 @@
-"""Parameter counts and analytic GFLOPs vs the paper (reference 8.1, 8.3, 9.5), and the analytic
-multiply-add count vs the jaxpr of our model's eval forward pass."""
+"""Parameter counts and analytic GFLOPs vs the paper (the official README's table and the
+released checkpoints), and the analytic multiply-add count vs the jaxpr of our model's eval
+forward pass."""
 
 import importlib.util
 import json
@@ -20,7 +21,8 @@ from segvit_jax.models import segvit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# config: (backbone M, head M, total M) from reference 9.5; GFLOPs from the README (8.1).
+# config: (backbone M, head M, total M) of the released checkpoints; GFLOPs from the official
+# README.
 PAPER = {
     'ade20k_base': ((86.43, 22.30, 108.74), 120.9),
     'ade20k_large': ((304.74, 39.57, 344.31), 637.9),

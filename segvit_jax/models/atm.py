@@ -1,4 +1,5 @@
-"""The Attention-to-Mask (ATM) decoder (reference section 3) and its single-stage form (4.2).
+"""The Attention-to-Mask (ATM) decoder (official `decode_heads/atm_head.py`) and its single-stage
+form (`decode_heads/atm_single_head.py`).
 
 Class query c is the query of class c (no matching). Mask logits are the head-averaged pre-softmax
 logits of each decoder layer's cross-attention; class logits come from the layer's output.
@@ -105,7 +106,7 @@ def stack_layers(head: Mapping[str, Any]) -> Dict[str, Any]:
   for key, node in head.items():
     if isinstance(node, Mapping) and _layer_keys(node):
       rest = {k: v for k, v in node.items() if k not in _layer_keys(node)}
-      layers_ = [node[f'layer_{l}'] for l in range(len(_layer_keys(node)))]
+      layers_ = [node[f'layer_{idx}'] for idx in range(len(_layer_keys(node)))]
       node = {**rest, STACKED: stacking.stack(layers_)}
     elif isinstance(node, Mapping):
       node = stack_layers(node)
@@ -119,7 +120,7 @@ def unstack_layers(head: Mapping[str, Any], num_layers: int) -> Dict[str, Any]:
   for key, node in head.items():
     if isinstance(node, Mapping) and isinstance(node.get(STACKED), Mapping):
       node = {**{k: v for k, v in node.items() if k != STACKED},
-              **{f'layer_{l}': layer for l, layer in enumerate(
+              **{f'layer_{idx}': layer for idx, layer in enumerate(
                   stacking.unstack(node[STACKED], num_layers))}}
     elif isinstance(node, Mapping):
       node = unstack_layers(node, num_layers)
@@ -135,7 +136,8 @@ def has_per_layer_layout(head: Mapping[str, Any]) -> bool:
 
 def class_queries(module: nn.Module, num_classes: int, dim: int, batch: int, dtype) -> jnp.ndarray:
   """One learned query per class, `nn.Embedding`'s N(0, 1) init. (B, K, d)."""
-  table = module.param('queries', layers.partitioned(nn.initializers.normal(1.0), ('classes', 'embed')),
+  table = module.param('queries',
+                       layers.partitioned(nn.initializers.normal(1.0), ('classes', 'embed')),
                        (num_classes, dim))
   return jnp.broadcast_to(table.astype(dtype), (batch, num_classes, dim))
 

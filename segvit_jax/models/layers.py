@@ -2,7 +2,7 @@
 
 Token layout everywhere: (B, N, C) with N = h * w flattened row-major (h first), as PyTorch's
 `flatten(2).transpose(1, 2)` does. Parameter names follow the official modules so that the
-converter's key table reads one-to-one (reference sections 9.2-9.4).
+converter's key table reads one-to-one (the official state-dict keys).
 """
 
 from typing import Any, Tuple
@@ -15,7 +15,8 @@ from segvit_jax.models import attention as attention_lib
 
 Dtype = Any
 
-# Official head init (reference 6.6): Linear trunc-normal std 0.02 (bounds +-2 absolute), bias 0.
+# Official head init (`decode_heads/atm_head.py`, `init_weights`): Linear trunc-normal std 0.02
+# (bounds +-2 absolute), bias 0.
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
 zeros = nn.initializers.zeros
 
@@ -65,7 +66,8 @@ class Attention(nn.Module):
   def __call__(self, queries, keys_values, deterministic: bool):
     channels = queries.shape[-1]
     if channels % self.num_heads:
-      raise ValueError(f'Attention width {channels} is not divisible by num_heads={self.num_heads}.')
+      raise ValueError(f'Attention width {channels} is not divisible by '
+                       f'num_heads={self.num_heads}.')
     head_dim = channels // self.num_heads
 
     def projection(name):

@@ -1,4 +1,5 @@
-"""SegViT assembled from a config: backbone + head, and the official inference (reference 1, 3.3).
+"""SegViT assembled from a config: backbone + head, and the official inference (mmseg's
+`EncoderDecoder`, `ATMHead.semantic_inference`).
 
     model = build_model(config.model, platform=mesh.devices.flat[0].platform)
     variables = model.init({'params': key}, images, train=False)
@@ -112,10 +113,13 @@ def check_model_config(c: ml_collections.ConfigDict) -> None:
     fail('num_heads', f'embed_dim {c.embed_dim} is not divisible by num_heads {c.num_heads}.')
   if c.decoder_dim % c.decoder_heads:
     fail('decoder_heads', f'decoder_dim {c.decoder_dim} is not divisible by {c.decoder_heads}.')
-  if any(not 0 <= i < c.depth for i in c.out_indices) or list(c.out_indices) != sorted(c.out_indices):
-    fail('out_indices', f'{tuple(c.out_indices)} must be increasing block indices < depth {c.depth}.')
+  if (any(not 0 <= i < c.depth for i in c.out_indices)
+      or list(c.out_indices) != sorted(c.out_indices)):
+    fail('out_indices',
+         f'{tuple(c.out_indices)} must be increasing block indices < depth {c.depth}.')
   if not 1 <= c.use_stages <= len(c.out_indices):
-    fail('use_stages', f'{c.use_stages} must be between 1 and len(out_indices) = {len(c.out_indices)}.')
+    fail('use_stages',
+         f'{c.use_stages} must be between 1 and len(out_indices) = {len(c.out_indices)}.')
   if any(s % c.patch_size for s in c.img_size):
     fail('img_size', f'{tuple(c.img_size)} must be a multiple of patch_size {c.patch_size}.')
   if c.name == 'segvit_shrunk' and not 0 <= c.shrink_index < c.depth:

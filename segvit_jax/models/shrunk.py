@@ -1,4 +1,4 @@
-"""The QU head of SegViT-Shrunk (official `TPNATMHead`, reference 4.2).
+"""The QU head of SegViT-Shrunk (official `TPNATMHead`, `decode_heads/tpn_atm_head.py`).
 
 Learned queries, one per cell of the stored 1/16 grid (`img_size // 16`), read the 1/16 backbone
 tap and then the 1/32 tap through two standard decoders (NOT reversed: shallow first). The queries
@@ -33,7 +33,8 @@ class QUHead(nn.Module):
   def __call__(self, features: Sequence[jnp.ndarray], *, train: bool) -> List[Tuple]:
     batch = features[0].shape[0]
     gh, gw = self.query_grid
-    table = self.param('queries', layers.partitioned(nn.initializers.normal(1.0), ('queries', 'embed')),
+    table = self.param('queries',
+                       layers.partitioned(nn.initializers.normal(1.0), ('queries', 'embed')),
                        (gh * gw, self.dim))
     queries = jnp.broadcast_to(table.astype(self.dtype), (batch, gh * gw, self.dim))
     for s, feature in enumerate(features, start=1):

@@ -1,5 +1,6 @@
-"""Plain ViT backbone as mmseg 0.24's `VisionTransformer` builds it (reference section 2), with the
-optional query-based down-sampling (QD) block of SegViT-Shrunk (reference 4.1).
+"""Plain ViT backbone as mmseg 0.24's `VisionTransformer` builds it
+(`mmseg/models/backbones/vit.py`), with the optional query-based down-sampling (QD) block of
+SegViT-Shrunk (official `backbone/vit_shrink.py`).
 
 Input images are NHWC, normalised. The backbone returns the token maps tapped after the blocks in
 `out_indices`, each (B, h, w, D) with its own (h, w): 1/16 of the input, 1/32 after a QD block.
