@@ -29,8 +29,12 @@ STEP_KEYS = {'compile_s', 'argument_gib', 'temp_gib', 'total_gib', 'fits', 'flop
 
 
 def libtpu_env() -> dict:
-  """tiny_runs' subprocess environment, with libtpu importable."""
-  env = tiny_runs.env(1)
+  """tiny_runs' subprocess environment, with libtpu importable.
+
+  ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise takes /tmp/libtpu_lockfile, and a second process
+  compiling for a TPU at the same time (another test, another user) fails to load it.
+  """
+  env = dict(tiny_runs.env(1), ALLOW_MULTIPLE_LIBTPU_LOAD='1')
   if importlib.util.find_spec('libtpu') is None:
     directory = os.environ.get('LIBTPU_DIR', os.path.join(tiny_runs.ROOT, '.libtpu'))
     if not os.path.isdir(os.path.join(directory, 'libtpu')):

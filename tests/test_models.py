@@ -32,7 +32,9 @@ def tiny_config(name='segvit', img_size=(64, 64)):
 
 def init(config, shape):
   model = segvit.build_model(config)
-  variables = nn.unbox(model.init({'params': jax.random.key(0)}, jnp.zeros(shape), train=False))
+  # Jitted: eager Flax init dispatches every op on its own, several times slower on CPU.
+  variables = jax.jit(lambda key: nn.unbox(model.init({'params': key}, jnp.zeros(shape),
+                                                      train=False)))(jax.random.key(0))
   return model, variables
 
 
@@ -50,11 +52,12 @@ def test_output_shapes(name, shape, img_size):
   model, variables = init(config, shape)
   images = jax.random.normal(jax.random.key(1), shape)
   b, h, w, _ = shape
-  scores = model.apply(variables, images, train=False)
+  scores = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   assert scores.shape == (b, h, w, NUM_CLASSES)
   assert bool(jnp.all(scores >= 0)) and bool(jnp.all(jnp.isfinite(scores)))
 
-  outputs = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(2)})
+  outputs = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={
+      'dropout': jax.random.key(2)}))(variables, images)
   if name == 'segvit':
     grid = (h // 16, w // 16)
   else:  # QU queries live on the stored grid, whatever the input size (as officially).

@@ -184,10 +184,11 @@ def test_real_model_groups():
   params = nn.unbox(params)
   mask = _flat(optim.weight_decay_mask(params))
   no_decay = sorted(n for n, v in mask.items() if not v)
-  assert len(no_decay) == 4 * m.depth, no_decay
-  for n in no_decay:
-    parts = n.split('/')
-    assert parts[0] == 'backbone' and parts[-2] in ('ln1', 'ln2'), n
+  # The blocks are one scanned segment: ln1/ln2 scale and bias, each with a leading block axis.
+  assert no_decay == [f'backbone/blocks_0_2/{ln}/{p}' for ln in ('ln1', 'ln2')
+                      for p in ('bias', 'scale')], no_decay
+  flat_params = _flat(params)
+  assert all(flat_params[n].shape == (m.depth, m.embed_dim) for n in no_decay)
   mults = _flat(optim.lr_multipliers(params, 10.0))
   assert any(n.startswith('head/') for n in mults)
   for n, v in mults.items():
