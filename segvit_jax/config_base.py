@@ -83,21 +83,9 @@ def pascal_context(config: ml_collections.ConfigDict) -> None:
   config.eval.stride = (320, 320)
 
 
-def get_base_config() -> ml_collections.ConfigDict:
-  """ViT-L SegViT on ADE20K at 640x640, the official recipe. Configs change what differs."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = 16  # global, over all hosts and devices
-  config.num_train_steps = 160_000
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 16_000
-  config.keep_checkpoints = 3  # the last N; the best by mIoU is kept as well
-  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
-  config.mesh = 'data:-1'
-  config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
-  config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
-
-  config.model = m = ml_collections.ConfigDict()
+def _model_defaults() -> ml_collections.ConfigDict:
+  """config.model: ViT-L/16 + the ATM head."""
+  m = ml_collections.ConfigDict()
   m.name = 'segvit'  # 'segvit' (ViT + ATM head) or 'segvit_shrunk' (QD in the ViT, QU + ATM head)
   m.img_size = (640, 640)  # the crop (h, w) the position-embedding grid is stored for
   m.patch_size = 16
@@ -114,27 +102,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.attention = 'auto'
   m.scan_unroll = 1  # backbone blocks per iteration of each scanned segment
   vit_large(m)
+  return m
 
-  config.loss = ml_collections.ConfigDict()
-  config.loss.no_object_weight = 0.1
-  config.loss.cls_weight = 1.0
-  config.loss.mask_weight = 20.0  # sigmoid focal, alpha 0.25, gamma 2
-  config.loss.dice_weight = 1.0
 
-  config.optim = o = ml_collections.ConfigDict()
-  o.learning_rate = 2e-5
-  o.b1 = 0.9
-  o.b2 = 0.999
-  o.weight_decay = 0.01
-  o.head_lr_mult = 10.0
-  o.warmup_steps = 1500
-  o.warmup_ratio = 1e-6
-  o.poly_power = 1.0
-  o.min_lr = 0.0
-  o.grad_clip_norm = 35.0
-  o.grad_accum_steps = 1
-
-  config.dataset = d = ml_collections.ConfigDict()
+def _dataset_defaults() -> ml_collections.ConfigDict:
+  """config.dataset: ADE20K with mmseg's train and test pipelines."""
+  d = ml_collections.ConfigDict()
   d.name = 'ade20k'  # 'ade20k', 'coco_stuff10k', 'pascal_context', 'synthetic'
   d.source = 'tfds'  # 'tfds', 'mmseg_folder' (an mmseg-prepared folder) or 'synthetic'
   d.tfds_name = 'ade20k'  # builder name, with config: 'pascal_context/60'
@@ -161,6 +134,45 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.synthetic_num_train = 1000  # source 'synthetic': examples per split, rendered in memory
   d.synthetic_num_val = 100
   d.synthetic_seed = 0  # source 'synthetic': example i of a split depends on (seed, split, i)
+  return d
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """ViT-L SegViT on ADE20K at 640x640, the official recipe. Configs change what differs."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 16  # global, over all hosts and devices
+  config.num_train_steps = 160_000
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 16_000
+  config.keep_checkpoints = 3  # the last N; the best by mIoU is kept as well
+  # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
+  config.mesh = 'data:-1'
+  config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
+  config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
+
+  config.model = _model_defaults()
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.no_object_weight = 0.1
+  config.loss.cls_weight = 1.0
+  config.loss.mask_weight = 20.0  # sigmoid focal, alpha 0.25, gamma 2
+  config.loss.dice_weight = 1.0
+
+  config.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 2e-5
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = 0.01
+  o.head_lr_mult = 10.0
+  o.warmup_steps = 1500
+  o.warmup_ratio = 1e-6
+  o.poly_power = 1.0
+  o.min_lr = 0.0
+  o.grad_clip_norm = 35.0
+  o.grad_accum_steps = 1
+
+  config.dataset = _dataset_defaults()
 
   # What the run evaluates (segvit_jax.evaluators): every_steps N > 0 after every N-th step and
   # the last; -1 after the last step only; 0 never. Metrics are named '<entry>/<metric>'.

@@ -19,6 +19,9 @@ import pytest
 from segvit_jax import compile as compile_lib
 from segvit_jax.errors import UserError
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('compile')
+
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:

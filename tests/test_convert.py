@@ -30,6 +30,9 @@ from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
 import segvit_reference as ref
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('convert')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 7
 TINY = dict(embed_dim=64, depth=4, num_heads=4, out_indices=(1, 2, 3), decoder_dim=32,

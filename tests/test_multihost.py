@@ -16,6 +16,9 @@ import time
 import numpy as np
 import pytest
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('multihost')
+
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:

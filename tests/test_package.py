@@ -26,6 +26,9 @@ import pytest
 from conftest import ROOT
 import tiny_runs
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('package')
+
 # What the build reads: pyproject.toml, the README (long description), the requirements files
 # (dependencies and extras) and the two source folders.
 _BUILD_FILES = re.compile(r'pyproject\.toml|README\.md|requirements.*\.txt')

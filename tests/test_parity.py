@@ -29,6 +29,9 @@ from segvit_jax.models import atm
 from segvit_jax.models import segvit
 import segvit_reference as ref
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('parity')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 IMG = 64

@@ -21,6 +21,9 @@ from segvit_jax import predict
 from segvit_jax import visualize
 from segvit_jax.models import segvit
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('predict')
+
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:

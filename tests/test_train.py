@@ -23,6 +23,9 @@ from segvit_jax import checkpoint
 from segvit_jax import losses
 from segvit_jax import train
 
+# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group('train')
+
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:
@@ -247,6 +250,7 @@ def mesh_runs(tmp_path_factory):
   return runs
 
 
+@pytest.mark.xdist_group('meshes')  # its own fixture: free to run beside the rest
 def test_meshes_match_one_device(mesh_runs):
   ref = mesh_runs['1']
   assert sorted(ref) == [1, 2, 3, 4, 5]
@@ -257,6 +261,7 @@ def test_meshes_match_one_device(mesh_runs):
       assert mesh_runs[name][step] == pytest.approx(ref[step], rel=1e-4), (name, step)
 
 
+@pytest.mark.xdist_group('meshes')  # its own fixture: free to run beside the rest
 def test_restore_onto_other_mesh_and_device_count(mesh_runs):
   ref = mesh_runs['1']
   for name in ('restored_model', 'restored_1'):
