@@ -231,7 +231,9 @@ def _mesh_losses(workdir):
   return {s: r['train/loss'] for s, r in tiny_runs.losses(str(workdir)).items()}
 
 
-@pytest.fixture(scope='module')
+# Session scope: under --dist loadgroup a worker may run other modules' tests between the two
+# tests that use it, and a module-scoped fixture would be set up again after each switch.
+@pytest.fixture(scope='session')
 def mesh_runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('meshes')
   _train(out / '1', **_MESH_RUN)
