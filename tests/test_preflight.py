@@ -1,7 +1,5 @@
 """The whole-config checks: each failure's one-line message, and what is made to work instead."""
 
-import importlib.util
-import os
 import subprocess
 import sys
 
@@ -16,22 +14,7 @@ except ImportError:
   import tiny_runs  # pylint: disable=g-import-not-at-top
 
 
-def _config(**overrides):
-  """configs/synthetic.py with the tiny overrides, then `overrides` ('a__b' for 'a.b')."""
-  spec = importlib.util.spec_from_file_location(
-      'synthetic_config', os.path.join(tiny_runs.ROOT, 'configs', 'synthetic.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  values = dict(tiny_runs.TINY)
-  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  for key, value in values.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+_config = tiny_runs.tiny_config  # configs/synthetic.py, the tiny overrides, then the test's
 
 
 def _error(config, num_devices=4, process_count=1) -> str:
