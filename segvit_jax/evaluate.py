@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from segvit_jax import distributed
 from segvit_jax import metrics
 from segvit_jax import mmseg_rules
 
@@ -393,7 +394,8 @@ def make_eval_step(model, eval_config, num_classes: int, *,
     mesh = _mesh_of(batch)
     if mesh not in compiled:
       out = NamedSharding(mesh, P()) if mesh is not None else None
-      compiled[mesh] = jax.jit(step, out_shardings=out)
+      compiled[mesh] = distributed.compiled_together(jax.jit(step, out_shardings=out),
+                                                     'the eval step')
     return compiled[mesh](variables, batch, conf)
 
   return eval_step

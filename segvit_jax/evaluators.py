@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from segvit_jax import console
+from segvit_jax import distributed
 from segvit_jax import evaluate
 from segvit_jax import fileio
 from segvit_jax import metrics as metrics_lib
@@ -99,10 +100,10 @@ class FigureEvaluator:
                num_images: int):
     self._config, self._mesh, self.path, self._num = config, mesh, path, int(num_images)
     self._classes = visualize.classes(config)
-    self._predict = jax.jit(lambda params, batch: evaluate.predict(
+    self._predict = distributed.compiled_together(jax.jit(lambda params, batch: evaluate.predict(
         lambda x: model.apply({'params': params}, x, train=False), batch,
         eval_config=config.eval, num_classes=config.dataset.num_classes,
-        **_inference_kwargs(config)))
+        **_inference_kwargs(config))), 'the figure\'s predictions')
 
   def _rows(self, params: PyTree) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     d = self._config.dataset

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import console
+from segvit_jax import distributed
 from segvit_jax import evaluators as evaluators_lib
 from segvit_jax import fileio
 from segvit_jax import losses
@@ -110,7 +111,8 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation,
     params = nn.unbox(segvit.init_variables(model, _keys(config.seed)[0])['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return jax.jit(init, out_shardings=spec.shardings)()
+  return distributed.compiled_together(jax.jit(init, out_shardings=spec.shardings),
+                                       'the initial state')()
 
 
 def state_with_params(params: PyTree, tx: optax.GradientTransformation,
@@ -119,7 +121,8 @@ def state_with_params(params: PyTree, tx: optax.GradientTransformation,
   def init(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return jax.jit(init, out_shardings=spec.shardings)(params)
+  return distributed.compiled_together(jax.jit(init, out_shardings=spec.shardings),
+                                       'the initial state')(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,8 +571,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       _describe_run(config, run, state.params, workdir)
       # Steps, evaluators and data.
       evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir)
-      loop = Loop(config, make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                          run.spec.shardings),
+      train_step = make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
+                                   run.spec.shardings)
+      loop = Loop(config, distributed.compiled_together(train_step, 'the train step'),
                   evals, ckpt, writer, stop, PendingMetrics(),
                   Progress(start, int(config.num_train_steps)), after_step)
       train_ds = input_pipeline.create_train_dataset(

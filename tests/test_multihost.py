@@ -82,12 +82,16 @@ def single(tmp_path_factory):
 
 
 def test_two_processes_train_and_evaluate_like_one(single, tmp_path):
+  """Process 1 reaches the first train step 40 s after process 0, longer than CPU collectives
+  wait for a peer to set up a program's communicators (30 s): a program's first run waits until
+  every process has compiled it."""
   workdir = str(tmp_path / 'two')
-  procs = _start_pair(workdir, **RUN)
-  outs = _finish(procs, 300)
+  procs = _start_pair(workdir, faults=(None, 'slow_input:40'), **RUN)
+  outs = _finish(procs, 360)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
   assert 'process 1 of 2, 4 local / 8 global CPU devices' in outs[1]
+  assert 'fault: the input starts 40 s late' in outs[1]
 
   one, two = tiny_runs.losses(single), tiny_runs.losses(workdir)
   assert sorted(one) == sorted(two) == [1, 2, 3]
