@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import PRODUCT_COMPILER_OPTIONS
+
 import mmcv_reference
 from segvit_jax import config_base
 from segvit_jax import evaluate
@@ -211,9 +213,11 @@ def taps_matrix(taps, in_max):
 
 
 def test_dynamic_taps_equal_torch_and_static_matrix():
-  fn = jax.jit(evaluate.dynamic_bilinear_taps, static_argnums=2)
   for out_size, in_size in [(9, 4), (4, 9), (683, 2048), (1333, 999), (5, 5)]:
-    taps = fn(jnp.int32(out_size), jnp.int32(in_size), out_size + 3)
+    args = (jnp.int32(out_size), jnp.int32(in_size))
+    # Compiled as users' programs are (tests compile at -O0, which can move a last bit).
+    taps = jax.jit(evaluate.dynamic_bilinear_taps, static_argnums=2).lower(
+        *args, out_size + 3).compile(PRODUCT_COMPILER_OPTIONS)(*args)
     assert int(np.max(taps[0])) < in_size and int(np.max(taps[1])) < in_size
     m = taps_matrix(taps, in_size + 2)
     # Same float32 index arithmetic as PyTorch: bit-exact weights.

@@ -30,12 +30,19 @@ def tiny_config(name='segvit', img_size=(64, 64)):
   return c
 
 
-def init(config, shape):
+_VARIABLES = {}
+
+
+def init(config):
+  """The model of `config` and its variables, initialised as the trainer does (at the stored
+  img_size, whatever the inputs a test feeds), once per config in a test process."""
   model = segvit.build_model(config)
-  # Jitted: eager Flax init dispatches every op on its own, several times slower on CPU.
-  variables = jax.jit(lambda key: nn.unbox(model.init({'params': key}, jnp.zeros(shape),
-                                                      train=False)))(jax.random.key(0))
-  return model, variables
+  key = config.to_json_best_effort(sort_keys=True)
+  if key not in _VARIABLES:
+    # Jitted: eager Flax init dispatches every op on its own, several times slower on CPU.
+    _VARIABLES[key] = jax.jit(lambda k: nn.unbox(segvit.init_variables(model, k)))(
+        jax.random.key(0))
+  return model, _VARIABLES[key]
 
 
 VARIANTS = ['segvit', 'segvit_shrunk']
@@ -49,15 +56,16 @@ SHAPES = [((2, 64, 64, 3), (64, 64)), ((2, 128, 192, 3), (128, 192)),
 @pytest.mark.parametrize('shape,img_size', SHAPES)
 def test_output_shapes(name, shape, img_size):
   config = tiny_config(name, img_size)
-  model, variables = init(config, shape)
+  model, variables = init(config)
   images = jax.random.normal(jax.random.key(1), shape)
   b, h, w, _ = shape
-  scores = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  # One program for both modes: on 2 cores each compile costs seconds.
+  scores, outputs = jax.jit(lambda v, x: (
+      model.apply(v, x, train=False),
+      model.apply(v, x, train=True, rngs={'dropout': jax.random.key(2)})))(variables, images)
   assert scores.shape == (b, h, w, NUM_CLASSES)
   assert bool(jnp.all(scores >= 0)) and bool(jnp.all(jnp.isfinite(scores)))
 
-  outputs = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={
-      'dropout': jax.random.key(2)}))(variables, images)
   if name == 'segvit':
     grid = (h // 16, w // 16)
   else:  # QU queries live on the stored grid, whatever the input size (as officially).
@@ -73,7 +81,7 @@ def test_output_shapes(name, shape, img_size):
 @pytest.mark.parametrize('name', VARIANTS)
 def test_backbone_taps_and_grids(name):
   config = tiny_config(name, (128, 192))
-  model, variables = init(config, (1, 128, 192, 3))
+  model, variables = init(config)
   _, state = model.apply(variables, jnp.ones((1, 128, 192, 3)), train=False,
                          mutable=['intermediates'])
   taps = state['intermediates']['backbone']
@@ -88,7 +96,7 @@ def test_backbone_taps_and_grids(name):
 @pytest.mark.parametrize('shape', [(2, 64, 64, 3), (2, 128, 192, 3)])
 def test_jitted_gradient_reaches_every_parameter(name, shape):
   config = tiny_config(name, shape[1:3])
-  model, variables = init(config, shape)
+  model, variables = init(config)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=shape), jnp.float32)
   labels = rng.integers(0, NUM_CLASSES, size=shape[:3]).astype(np.int32)
@@ -147,7 +155,7 @@ def test_eval_scores_are_semantic_inference_of_final_prediction(name):
   config = tiny_config(name)
   config.decoder_dropout = 0.0  # train mode without dropout computes what eval mode computes
   config.drop_path_rate = 0.0
-  model, variables = init(config, (2, 64, 64, 3))
+  model, variables = init(config)
   images = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
   scores = model.apply(variables, images, train=False)
   final = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(0)})
@@ -160,12 +168,12 @@ def test_eval_scores_are_semantic_inference_of_final_prediction(name):
 
 def test_bfloat16_compute_keeps_float32_params_and_is_close():
   config = tiny_config()
-  model, variables = init(config, (1, 64, 64, 3))
+  model, variables = init(config)
   images = jax.random.normal(jax.random.key(5), (1, 64, 64, 3))
   ref = model.apply(variables, images, train=False)
   config.dtype = 'bfloat16'
   model16 = segvit.build_model(config)
-  params16 = nn.unbox(model16.init({'params': jax.random.key(0)}, images, train=False))['params']
+  params16 = nn.unbox(segvit.abstract_params(model16))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params16))
   out = model16.apply(variables, images, train=False)
   assert out.dtype == jnp.float32
@@ -179,7 +187,7 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close():
                                                 ('segvit_shrunk', 'dots', 2)])
 def test_remat_gives_the_same_gradients(name, policy, unroll):
   config = tiny_config(name)
-  model, variables = init(config, (1, 64, 64, 3))
+  model, variables = init(config)
   config_r = tiny_config(name)
   config_r.remat = policy
   config_r.scan_unroll = unroll
@@ -242,7 +250,7 @@ def test_segments_are_cut_around_the_qd_block_only():
 @pytest.mark.parametrize('name', VARIANTS)
 def test_stack_and_unstack_params(name):
   config = tiny_config(name)
-  _, variables = init(config, (1, 64, 64, 3))
+  _, variables = init(config)
   params = variables['params']
   backbone = params['backbone']
   per_layer = segvit.unstack_params(params, config)
@@ -289,7 +297,7 @@ def test_per_block_checkpoint_restores_into_the_stacked_layout(tmp_path):
   from the checkpoint's metadata, restore into the per-block target, stack."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = tiny_config('segvit_shrunk')
-  _, variables = init(config, (1, 64, 64, 3))
+  _, variables = init(config)
   state = {'params': variables['params'],
            'opt_state': ({'mu': jax.tree.map(lambda x: x + 1, variables['params'])},)}
   with ocp.StandardCheckpointer() as checkpointer:
