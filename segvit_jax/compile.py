@@ -246,7 +246,7 @@ _CALLEES = re.compile(
 _REFERENCE = re.compile(r'%([\w.\-]+)')
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"?(\d+)')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_S32_CONSTANT = re.compile(r'\ss32\[\]\S* constant\((-?\d+)\)')
+_COUNTER_CONSTANT = re.compile(r'\s[su]32\[\]\S* constant\((-?\d+)\)')
 _TUPLE_INDEX = re.compile(r'get-tuple-element\(%[\w.\-]+\), index=(\d+)')
 
 
@@ -302,13 +302,14 @@ class _Hlo:
 
   def trip_count(self, computation: str, line: str) -> Optional[int]:
     """Iterations of the while loop on `line` of `computation`: XLA's known trip count, or the
-    `i < N` of a counted loop (jax's scan / fori_loop / map) from its constant initial value."""
+    `i < N` of a counted loop (jax's scan / fori_loop / map, s32; the SPMD partitioner's
+    windowed einsums, u32) from its constant initial value."""
     known = _TRIP_COUNT.search(line)
     if known:
       return int(known.group(1))
     operand, condition, _ = _WHILE.search(line).groups()
     cond = self.bodies[condition]
-    limits = _S32_CONSTANT.findall('\n'.join(cond))
+    limits = _COUNTER_CONSTANT.findall('\n'.join(cond))
     counters = set(_TUPLE_INDEX.findall('\n'.join(cond)))
     root = next((ln for ln in cond if 'ROOT' in ln), '')
     if (len(limits) != 1 or len(counters) != 1 or ' compare(' not in root
@@ -319,7 +320,7 @@ class _Hlo:
     counter = int(counters.pop())
     if elements and counter < len(_REFERENCE.findall(elements.group(1))):
       initial = _REFERENCE.findall(elements.group(1))[counter]
-      value = _S32_CONSTANT.search(self._definition(computation, initial))
+      value = _COUNTER_CONSTANT.search(self._definition(computation, initial))
       start = int(value.group(1)) if value else 0
     return max(int(limits[0]) - start, 0)
 

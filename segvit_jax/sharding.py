@@ -155,6 +155,32 @@ def logical_to_shardings(abstract_boxed: PyTree, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def update_sharding(param_sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """Where the optimizer keeps and updates one parameter's state: the parameter's layout, with
+  the batch axes that replicate it splitting a dimension they divide (ZeRO-1).
+
+  Every data-parallel device would otherwise read the whole gradient, both Adam moments and the
+  parameters and write three of them back each step; split this way each does 1 / N of that
+  update, the gradients are reduce-scattered instead of all-reduced, and the new parameters are
+  all-gathered into their own layout. The update is elementwise: the same numbers either way.
+  A leaf that no such dimension divides keeps its parameter's layout.
+  """
+  mesh = param_sharding.mesh
+  spec = list(param_sharding.spec) + [None] * (len(shape) - len(param_sharding.spec))
+  # Axes of size 1 split nothing: a dimension that names only those is free.
+  splits = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if mesh.shape[a] > 1)
+            for e in spec]
+  free = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and not any(a in s for s in splits))
+  size = math.prod(mesh.shape[a] for a in free)
+  dims = [d for d, (n, s) in enumerate(zip(shape, splits)) if not s and n % size == 0]
+  if not free or not dims:
+    return param_sharding
+  # The largest, the minor one last: TPU tiles pad a narrow minor dimension to 128 lanes.
+  spec[max(dims, key=lambda d: (d != len(shape) - 1, shape[d]))] = (
+      free[0] if len(free) == 1 else free)
+  return NamedSharding(mesh, _fit_spec(P(*spec), shape, mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Leading (batch) dimension over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

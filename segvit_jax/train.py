@@ -93,12 +93,18 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -
   opt_state = jax.eval_shape(tx.init, params)
   replicated = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, opt_state, param_shardings,
+      tx, lambda _, s: s, opt_state, update_shardings(param_shardings, params),
       transform_non_params=lambda _: replicated)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=opt_state)
   return StateSpec(checkpoint_lib.abstract_like(abstract_state, shardings), shardings)
+
+
+def update_shardings(param_shardings: PyTree, params: PyTree) -> PyTree:
+  """Per parameter, where its optimizer state lives and its update runs
+  (`sharding.update_sharding`); `params`: anything with the parameters' shapes."""
+  return jax.tree.map(lambda s, p: sharding.update_sharding(s, p.shape), param_shardings, params)
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -192,8 +198,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     else:
       (loss, terms), grads = _accumulated(grad_fn, state.params, batch['image'], batch['label'],
                                           rng, accum, mesh)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # The update runs on each device's part of the optimizer state: gradients and parameters
+    # taken to that layout, the new parameters back to theirs by out_shardings. The gradients
+    # are summed in the parameters' layout first: asked for the split layout straight away, the
+    # partitioner computes each weight gradient in a loop over the shards (a windowed einsum)
+    # that reads the activations once per shard.
+    layout = update_shardings(state_shardings.params, state.params)
+    constrain = lambda tree, shardings: jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                                                     shardings)
+    grads = constrain(constrain(grads, state_shardings.params), layout)
+    params = constrain(state.params, layout)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
                'learning_rate': schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -315,3 +315,38 @@ def test_train_model_flops_are_three_forward_passes():
   assert evaluation == pytest.approx(16 * forward * 8 / 16)
   # The train forward stops at the mask logits; the rest is 3 passes over the same layers.
   assert 0.95 * 3 * forward < train < 3 * forward
+
+
+_U32_LOOP = """HloModule windowed
+
+%body (p: (u32[], f32[64,64])) -> (u32[], f32[64,64]) {
+  %p = (u32[], f32[64,64]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %one = u32[] constant(1)
+  %next = u32[] add(%i, %one)
+  %x = f32[64,64] get-tuple-element(%p), index=1
+  %y = f32[64,64] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (u32[], f32[64,64]) tuple(%next, %y)
+}
+
+%cond (p: (u32[], f32[64,64])) -> pred[] {
+  %p = (u32[], f32[64,64]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %n = u32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[64,64]) -> (u32[], f32[64,64]) {
+  %x = f32[64,64] parameter(0)
+  %zero = u32[] constant(0)
+  %init = (u32[], f32[64,64]) tuple(%zero, %x)
+  ROOT %w = (u32[], f32[64,64]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_loops_with_unsigned_counters_count_too():
+  # The SPMD partitioner's windowed-einsum loops count with u32 (no known_trip_count).
+  cost = compile_lib.loop_aware_cost(_U32_LOOP, jax.devices('cpu')[0].client)
+  assert cost['uncounted_loops'] == 0
+  assert cost['flops'] == pytest.approx(8 * 2 * 64**3, rel=0.01)

@@ -88,6 +88,20 @@ def test_logical_to_shardings_on_boxed_tree():
   assert shardings['ln1']['scale'].spec == P()
 
 
+@pytest.mark.parametrize('mesh_spec,spec,shape,want', [
+    ('data:-1', P(), (8, 16), P('data')),  # the largest dimension but the minor one
+    ('data:-1', P(None, 'fsdp'), (3, 16), P(None, 'data')),  # fsdp:1 splits nothing
+    ('data:4,model:2', P(None, 'fsdp', 'model'), (3, 8, 16), P(None, 'data', 'model')),
+    ('data:2,fsdp:4', P('fsdp', None), (8, 6), P('fsdp', 'data')),
+    ('data:2,fsdp:2,model:2', P(None, 'model'), (4, 6), P(('data', 'fsdp'), 'model')),
+    ('data:4,model:2', P(None, 'model'), (3, 6), P(None, 'model')),  # 4 divides neither
+])
+def test_update_sharding_splits_the_state_over_the_batch_axes(mesh_spec, spec, shape, want):
+  mesh = sharding.make_mesh(mesh_spec, jax.devices()[:8])
+  got = sharding.update_sharding(jax.sharding.NamedSharding(mesh, spec), shape)
+  assert got.spec == want
+
+
 def test_batch_shards_are_data_times_fsdp():
   assert sharding.batch_shards({'data': 2, 'fsdp': 4, 'model': 2}) == 8
   assert sharding.batch_shards(sharding.parse_mesh_spec('model:2,data:-1', 8)) == 4

@@ -278,13 +278,17 @@ def test_parameters_and_moments_are_sharded():
   specs = {}
   for mesh in ('data:4,model:2', 'data:2,fsdp:4'):
     run = train.setup(tiny_runs.tiny_config(mesh=mesh, **_MESH_RUN))
+    layout = train.update_shardings(run.spec.shardings.params, run.spec.abstract.params)
     specs[mesh] = (_specs(run.spec.shardings.params), _specs(run.spec.shardings.opt_state[1].mu),
-                   _specs(jax.tree.map(lambda a: a.sharding, run.spec.abstract.params)))
+                   _specs(jax.tree.map(lambda a: a.sharding, run.spec.abstract.params)),
+                   _specs(layout))
   assert any("'model'" in s for s in specs['data:4,model:2'][0].values())
   assert any("'fsdp'" in s for s in specs['data:2,fsdp:4'][0].values())
-  for params, mu, abstract in specs.values():  # Adam moments are laid out as their parameters
-    assert mu == params and abstract == params
-  assert not any("'data'" in s for s in specs['data:2,fsdp:4'][0].values())
+  for params, mu, abstract, layout in specs.values():
+    assert abstract == params
+    assert mu == layout  # Adam moments live where the update runs: split over 'data' too
+    assert not any("'data'" in s for s in params.values())
+    assert any("'data'" in s for s in mu.values())
 
 
 # ---------------------------------------------------------------------------------------------
