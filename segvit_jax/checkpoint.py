@@ -47,6 +47,12 @@ PARAMS_DIR = 'params'
 CONFIG_JSON = 'config.json'
 _ITEM = 'default'  # the CheckpointManager's name for its single item
 _SHOWN = 6  # differences listed in a mismatch message
+# Orbax writes a replicated array in slices, one per replica, cutting each slice with an eager
+# `lax.slice` on device: one small program compiled per leaf shape and sharding on the first save
+# (measured: 6.2 s against 0.5 s for the first save of the tiny synthetic model on 8 CPU devices).
+# Splitting pays only for big leaves (ViT-L's stacked MLP kernels are 400 MB); smaller ones are
+# written whole by one replica.
+_MIN_REPLICA_SLICE_BYTES = 8 << 20
 
 _CONFIG_PY = '''"""The config of the parameters in this directory: --config=THIS_DIR/config.py."""
 
@@ -156,6 +162,21 @@ def _best_metric(metrics: Mapping[str, Any]) -> float:
   return float(metrics[BEST_METRIC])
 
 
+def _write_small_arrays_whole() -> None:
+  """Orbax's handler of `jax.Array` leaves, with replica-parallel writes for big leaves only.
+
+  Orbax's handlers live in one process-wide registry; this replaces its default `jax.Array`
+  handler by the same handler with `_MIN_REPLICA_SLICE_BYTES` (the registry's own `add`: the
+  public `register_type_handler` logs a warning each time).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from orbax.checkpoint._src.serialization import type_handler_registry
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
+      override=True, ignore_warnings=True)
+
+
 class Checkpointer:
   """Saves and restores train states under `directory` (WORKDIR/checkpoints).
 
@@ -182,6 +203,7 @@ class Checkpointer:
         read_only=read_only,
     )
     self._read_only = read_only
+    _write_small_arrays_whole()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:

@@ -5,7 +5,7 @@
       cli.run(main)
 
 - Libraries' INFO logs (absl, Orbax, JAX) are off unless --verbosity is given, and TensorFlow's
-  C++ banners unless TF_CPP_MIN_LOG_LEVEL is set: a run prints its own progress and results
+  C++ banners unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set: a run prints its own progress and results
   (`segvit_jax.console`), warnings and errors.
 - A `UserError`, a flag that does not parse, a missing or broken config file or an unknown config
   key prints one line `error: <message>` on stderr and exits 1, before any compilation; Ctrl-C
@@ -137,8 +137,14 @@ def check_writable_dir(path: str, flag: str) -> None:
 
 
 def quiet_environment() -> None:
-  """Before TensorFlow / JAX are imported: their start-up banners off unless asked for."""
+  """Before TensorFlow / JAX are imported: their start-up banners off unless asked for.
+
+  TensorFlow's oneDNN kernels go off too (unless TF_ENABLE_ONEDNN_OPTS is set): on CPUs with
+  AVX-512 they reorder float operations, so the input pipeline's floats would depend on the host's
+  CPU, and TensorFlow announces them on stderr whatever TF_CPP_MIN_LOG_LEVEL says.
+  """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
 def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:

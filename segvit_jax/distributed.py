@@ -8,11 +8,16 @@
 
 When a process dies, the coordination service notices the missing heartbeats within
 `heartbeat_timeout_seconds` and terminates the others, so a job never waits forever in a collective.
-The first run of each program starts on all processes together (`compiled_together`).
+A process that fails with an error says so first (`report_failure`), and the others end within a
+second instead of waiting for the heartbeats. The first run of each program starts on all
+processes together (`compiled_together`).
 """
 
 import itertools
 import os
+import sys
+import threading
+import time
 from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
@@ -22,6 +27,11 @@ HEARTBEAT_TIMEOUT_S = 30
 # How long the first process to compile a program waits for the slowest: a ViT-L train step
 # takes minutes to compile on a busy host.
 COMPILE_BARRIER_TIMEOUT_S = 3600
+
+# The coordination service's key a failing process sets to its index (`report_failure`), and how
+# often the others look at it.
+_FAILED_KEY = 'segvit/failed_process'
+_FAILURE_POLL_S = 0.5
 
 _barrier_ids = itertools.count()
 
@@ -61,12 +71,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     _barriers_without_collectives()
+    _end_when_another_fails()
     return True
   cluster = _auto_cluster(os.environ if environ is None else environ)
   if cluster:
     logging.info('jax.distributed: detected a %s; initialising from its environment.', cluster)
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     _barriers_without_collectives()
+    _end_when_another_fails()
     return True
   return False
 
@@ -81,6 +93,47 @@ def _barriers_without_collectives() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.multihost import multihost  # pylint: disable=g-import-not-at-top
   flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
+
+
+def report_failure() -> None:
+  """Tells the other processes of the job that this one is failing, so that they end now (their
+  `_end_when_another_fails` watchers) rather than when its heartbeats stop."""
+  client = _client()
+  if client is None:
+    return
+  try:
+    client.key_value_set(_FAILED_KEY, str(jax.process_index()))
+  except Exception:  # pylint: disable=broad-except  (another process reported first)
+    pass
+
+
+def _end_when_another_fails() -> None:
+  """Starts a daemon thread that exits this process (status 1) once another has reported a
+  failure: this process may be waiting in a collective that can never complete."""
+  me = jax.process_index()
+
+  def watch():
+    while True:
+      time.sleep(_FAILURE_POLL_S)
+      client = _client()
+      if client is None:  # jax.distributed was shut down: the job ended normally
+        return
+      try:
+        failed = client.key_value_try_get(_FAILED_KEY)
+      except Exception:  # pylint: disable=broad-except  (not set, or the service is gone)
+        continue
+      if failed != str(me):
+        print(f'error: process {failed} of {jax.process_count()} failed (its log says why); '
+              f'ending process {me}.', file=sys.stderr, flush=True)
+        os._exit(1)  # pylint: disable=protected-access
+      return
+
+  threading.Thread(target=watch, name='segvit-failure-watch', daemon=True).start()
 
 
 def compiled_together(jitted: Callable[..., Any], what: str) -> Callable[..., Any]:
@@ -100,9 +153,8 @@ def compiled_together(jitted: Callable[..., Any], what: str) -> Callable[..., An
   def call(*args):
     if pending[0] and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
       jitted.lower(*args).compile()
-      from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
       # The coordination service's barrier: no collective, hence no communicator to set up.
-      jax_distributed.global_state.client.wait_at_barrier(
+      _client().wait_at_barrier(
           f'segvit compiled {what} #{next(_barrier_ids)}', COMPILE_BARRIER_TIMEOUT_S * 1000)
       pending[0] = False
     return jitted(*args)

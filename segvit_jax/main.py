@@ -99,6 +99,8 @@ def _run(config, workdir: str) -> dict:
       raise
     print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
           f'{traceback.format_exc()}', file=sys.stderr, flush=True)
+    from segvit_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.report_failure()
     _exit(1)
 
 

@@ -40,6 +40,7 @@ def _xla_flags(flags: str, num_devices: int) -> str:
 def _set_environment() -> None:
   os.environ['JAX_PLATFORMS'] = 'cpu'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # as segvit_jax.cli sets it
   os.environ['XLA_FLAGS'] = _xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')

@@ -191,6 +191,35 @@ def test_training_workdir_loads_the_latest_params_onto_a_mesh(tmp_path):
   assert_trees_equal(loaded, want)
 
 
+def test_first_save_of_replicated_small_leaves_on_8_devices_compiles_nothing(tmp_path):
+  """Small replicated leaves are written whole by one replica; only a leaf whose slices reach
+  `_MIN_REPLICA_SLICE_BYTES` is cut on device (a small program per slice)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  small = {f'leaf_{i}': jax.device_put(np.full((3, i + 1), i, np.float32), replicated)
+           for i in range(40)}
+  rows = 8 * checkpoint._MIN_REPLICA_SLICE_BYTES // 4 // 256  # 8 slices of the minimum
+  big = {'big': jax.device_put(np.ones((rows, 256), np.float32), replicated)}
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  try:
+    for name, tree in (('small', small), ('big', big)):
+      compiles.clear()
+      ckpt = checkpoint.Checkpointer(str(tmp_path / name))
+      ckpt.save(1, tree)
+      ckpt.wait()
+      assert (len(compiles) > 0) == (name == 'big'), (name, len(compiles))
+      ckpt.close()
+  finally:
+    jax.monitoring.clear_event_listeners()
+  restored = checkpoint.Checkpointer(str(tmp_path / 'small'), read_only=True).restore(
+      1, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                      small))
+  assert_trees_equal(restored, small)
+
+
 def test_a_different_model_config_is_named_by_its_keys(tmp_path):
   config, other = tiny_config(), tiny_config(embed_dim=64, num_classes=5)
   directory = str(tmp_path / 'exported')

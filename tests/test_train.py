@@ -23,7 +23,7 @@ from segvit_jax import checkpoint
 from segvit_jax import losses
 from segvit_jax import train
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
+# The fixtures' runs are shared: these tests run on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group('train')
 
 try:
@@ -61,7 +61,9 @@ def _signal_at(workdir, step, signum):
   return proc.returncode, out
 
 
-@pytest.fixture(scope='module')
+# Session scope: under --dist loadgroup the worker may run other modules' tests between this
+# module's, and a module-scoped fixture would be set up again after each switch.
+@pytest.fixture(scope='session')
 def reference(tmp_path_factory):
   """An uninterrupted 6-step run, evaluated at the end, predictions drawn."""
   workdir = tmp_path_factory.mktemp('reference')
@@ -231,9 +233,7 @@ def _mesh_losses(workdir):
   return {s: r['train/loss'] for s, r in tiny_runs.losses(str(workdir)).items()}
 
 
-# Session scope: under --dist loadgroup a worker may run other modules' tests between the two
-# tests that use it, and a module-scoped fixture would be set up again after each switch.
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='session')  # session scope: see `reference`
 def mesh_runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('meshes')
   _train(out / '1', **_MESH_RUN)
