@@ -167,7 +167,8 @@ def _write_small_arrays_whole() -> None:
 
   Orbax's handlers live in one process-wide registry; this replaces its default `jax.Array`
   handler by the same handler with `_MIN_REPLICA_SLICE_BYTES` (the registry's own `add`: the
-  public `register_type_handler` logs a warning each time).
+  public `register_type_handler` logs a warning). Called once, below: every save of this module
+  (training checkpoints and exported parameters) goes through it.
   """
   # pylint: disable-next=g-import-not-at-top
   from orbax.checkpoint._src.serialization import type_handler_registry
@@ -175,6 +176,9 @@ def _write_small_arrays_whole() -> None:
       jax.Array, ocp.type_handlers.ArrayHandler(
           min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
       override=True, ignore_warnings=True)
+
+
+_write_small_arrays_whole()
 
 
 class Checkpointer:
@@ -203,7 +207,6 @@ class Checkpointer:
         read_only=read_only,
     )
     self._read_only = read_only
-    _write_small_arrays_whole()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:

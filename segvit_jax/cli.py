@@ -5,8 +5,8 @@
       cli.run(main)
 
 - Libraries' INFO logs (absl, Orbax, JAX) are off unless --verbosity is given, and TensorFlow's
-  C++ banners unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set: a run prints its own progress and results
-  (`segvit_jax.console`), warnings and errors.
+  C++ banners unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set: a run prints its own
+  progress and results (`segvit_jax.console`), warnings and errors.
 - A `UserError`, a flag that does not parse, a missing or broken config file or an unknown config
   key prints one line `error: <message>` on stderr and exits 1, before any compilation; Ctrl-C
   outside a training loop (which saves first) exits 130 with one line. Anything else is a bug

@@ -201,9 +201,12 @@ def test_first_save_of_replicated_small_leaves_on_8_devices_compiles_nothing(tmp
   rows = 8 * checkpoint._MIN_REPLICA_SLICE_BYTES // 4 // 256  # 8 slices of the minimum
   big = {'big': jax.device_put(np.ones((rows, 256), np.float32), replicated)}
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, *_, **__: compiles.append(event)
-      if event == '/jax/core/compile/backend_compile_duration' else None)
+
+  def count(event, *_, **__):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
   try:
     for name, tree in (('small', small), ('big', big)):
       compiles.clear()
@@ -213,7 +216,7 @@ def test_first_save_of_replicated_small_leaves_on_8_devices_compiles_nothing(tmp
       assert (len(compiles) > 0) == (name == 'big'), (name, len(compiles))
       ckpt.close()
   finally:
-    jax.monitoring.clear_event_listeners()
+    jax.monitoring.unregister_event_duration_listener(count)
   restored = checkpoint.Checkpointer(str(tmp_path / 'small'), read_only=True).restore(
       1, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                       small))

@@ -75,8 +75,6 @@ def _eval_records(workdir):
     return [json.loads(ln) for ln in f if '"val/miou"' in ln]
 
 
-
-
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   """Process 1 reaches the first train step 40 s after process 0, longer than CPU collectives
   wait for a peer to set up a program's communicators (30 s): a program's first run waits until
