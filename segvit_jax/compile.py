@@ -19,9 +19,12 @@ prints: argument / temporary / total memory against the chip's HBM and whether i
 HBM bytes per step; the compile time; and a roofline lower bound on the step time,
 max(FLOPs / peak FLOP/s, bytes / HBM bandwidth), with the peaks it used.
 
-FLOPs and bytes are XLA's cost analysis of the optimised per-chip program, with every loop body
-(scanned layers, sliding windows, per-head attention) counted as often as the loop runs (XLA's own
-figure counts a loop body once) and Pallas kernels counted by their cost estimates. The compute
+FLOPs and bytes are XLA's cost analysis of the optimised per-chip program (`segvit_jax.hlo_cost`),
+with every loop body (scanned layers, sliding windows, per-head attention) counted as often as the
+loop runs (XLA's own figure counts a loop body once) and Pallas kernels counted by their cost
+estimates. The memory term counts HBM bytes: what the compiler keeps in on-chip memory (CMEM on
+v4 and v5p, VMEM) is read and written there, and only the copies in and out of it reach HBM;
+'bytes' in --json is everything the program reads and writes, on-chip memory included. The compute
 term of the roofline uses the larger of that count and the model's FLOPs (kernels without a cost
 estimate count none in XLA's analysis). roofline_mfu = (model FLOPs / peak) / roofline bound,
 where model FLOPs are `segvit_jax.summary`'s count of the model's multiply-adds (x 2 FLOPs), x 3
@@ -43,15 +46,14 @@ from typing import Any, Callable, Optional
 from absl import flags
 import jax
 import jax.extend
-from jax._src.lib import _jax  # XLA's cost analysis of an HLO module: no public API
 from jax.experimental import topologies
 import jax.numpy as jnp
-import jaxlib._hlo as hlo_lib  # HLO text -> module: no public API
 import ml_collections
 from ml_collections import config_flags
 
 from segvit_jax import cli
 from segvit_jax import evaluate
+from segvit_jax import hlo_cost
 from segvit_jax import preflight
 from segvit_jax import sharding
 from segvit_jax import summary
@@ -236,154 +238,6 @@ def _abstract_batches(config: ml_collections.ConfigDict, mesh, train_batch: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost of a compiled program, loops counted as often as they run.
-
-_COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) \(.*\{$')
-_WHILE = re.compile(r'\swhile\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)')
-_CALLEES = re.compile(
-    r'(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)'
-    r'|branch_computations=\{([^}]*)\}')
-_REFERENCE = re.compile(r'%([\w.\-]+)')
-_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"?(\d+)')
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_COUNTER_CONSTANT = re.compile(r'\s[su]32\[\]\S* constant\((-?\d+)\)')
-_TUPLE_INDEX = re.compile(r'get-tuple-element\(%[\w.\-]+\), index=(\d+)')
-
-
-class _Hlo:
-  """The computations of an HLO module's text, by name."""
-
-  def __init__(self, text: str):
-    text = re.sub(r' stack_frame_id=\d+', '', text)  # the parser warns about their ids
-    lines = text.splitlines()
-    self.header = lines[0].split(',')[0]  # 'HloModule <name>': the entry's layout goes
-    self.bodies: dict = {}
-    self.order: list = []
-    self.entry = None
-    name, body = None, []
-    for line in lines[1:]:
-      match = _COMPUTATION.match(line) if name is None else None
-      if match:
-        name, body = match.group(2), [line.removeprefix('ENTRY ')]
-        self.entry = name if match.group(1) else self.entry
-      elif name is not None:
-        body.append(line)
-        if line == '}':
-          self.bodies[name] = body
-          self.order.append(name)
-          name = None
-
-  def module_text(self, root: str) -> str:
-    """A module with `root` as its entry and the computations it reaches."""
-    needed, todo = set(), [root]
-    while todo:
-      name = todo.pop()
-      if name not in needed:
-        needed.add(name)
-        todo.extend(r for line in self.bodies[name][1:] for r in _REFERENCE.findall(line)
-                    if r in self.bodies)
-    out = [self.header]
-    for name in self.order:
-      if name in needed:
-        body = self.bodies[name]
-        out.append(('ENTRY ' if name == root else '') + body[0])
-        out.extend(body[1:])
-    return '\n'.join(out)
-
-  def callees(self, line: str) -> list:
-    out = []
-    for single, several in _CALLEES.findall(line):
-      out.extend([single] if single else _REFERENCE.findall(several))
-    return [c for c in out if c in self.bodies]
-
-  def _definition(self, computation: str, name: str) -> str:
-    prefix = f'%{name} = '
-    return next((ln for ln in self.bodies[computation] if ln.lstrip().startswith(prefix)), '')
-
-  def trip_count(self, computation: str, line: str) -> Optional[int]:
-    """Iterations of the while loop on `line` of `computation`: XLA's known trip count, or the
-    `i < N` of a counted loop (jax's scan / fori_loop / map, s32; the SPMD partitioner's
-    windowed einsums, u32) from its constant initial value."""
-    known = _TRIP_COUNT.search(line)
-    if known:
-      return int(known.group(1))
-    operand, condition, _ = _WHILE.search(line).groups()
-    cond = self.bodies[condition]
-    limits = _COUNTER_CONSTANT.findall('\n'.join(cond))
-    counters = set(_TUPLE_INDEX.findall('\n'.join(cond)))
-    root = next((ln for ln in cond if 'ROOT' in ln), '')
-    if (len(limits) != 1 or len(counters) != 1 or ' compare(' not in root
-        or 'direction=LT' not in root):
-      return None
-    start = 0
-    elements = re.search(r'\stuple\((.*?)\)', self._definition(computation, operand))
-    counter = int(counters.pop())
-    if elements and counter < len(_REFERENCE.findall(elements.group(1))):
-      initial = _REFERENCE.findall(elements.group(1))[counter]
-      value = _COUNTER_CONSTANT.search(self._definition(computation, initial))
-      start = int(value.group(1)) if value else 0
-    return max(int(limits[0]) - start, 0)
-
-
-def loop_aware_cost(hlo_text: str, cost_backend) -> dict:
-  """{'flops', 'bytes', 'uncounted_loops'} of a compiled module (per device for SPMD).
-
-  XLA's HloCostAnalysis (of `cost_backend`, the CPU client: the TPU compile-only client has
-  none) on the module, with each while loop's body counted trip-count times rather than once
-  and Pallas kernels' FLOPs taken from their cost estimates. Loops whose trip count cannot be
-  read are counted once ('uncounted_loops').
-  """
-
-  hlo = _Hlo(hlo_text)
-  once_memo, extra_memo, uncounted = {}, {}, []
-
-  def kernel_flops(name):  # custom-call estimates, every reachable computation once
-    if name not in extra_memo:
-      extra_memo[name] = 0.0
-      total = 0.0
-      for line in hlo.bodies[name][1:]:
-        total += sum(float(v) for v in _KERNEL_FLOPS.findall(line))
-        total += sum(kernel_flops(c) for c in hlo.callees(line))
-        while_match = _WHILE.search(line)
-        if while_match:
-          total += kernel_flops(while_match.group(3))
-      extra_memo[name] = total
-    return extra_memo[name]
-
-  def once(name):  # the computation with every loop body counted once, as XLA counts it
-    if name not in once_memo:
-      module = hlo_lib.hlo_module_from_text(hlo.module_text(name))
-      analysis = _jax.hlo_module_cost_analysis(cost_backend, module)
-      once_memo[name] = (float(analysis.get('flops', 0.0)) + kernel_flops(name),
-                         float(analysis.get('bytes accessed', 0.0)))
-    return once_memo[name]
-
-  def correction(name):  # what counting loops fully adds to once(name)
-    flops = bytes_ = 0.0
-    for line in hlo.bodies[name][1:]:
-      while_match = _WHILE.search(line)
-      if while_match:
-        body = while_match.group(3)
-        trips = hlo.trip_count(name, line)
-        if trips is None:
-          uncounted.append(body)
-          trips = 1
-        body_flops, body_bytes = once(body)
-        more_flops, more_bytes = correction(body)
-        flops += (trips - 1) * body_flops + trips * more_flops
-        bytes_ += (trips - 1) * body_bytes + trips * more_bytes
-      for callee in hlo.callees(line):
-        more_flops, more_bytes = correction(callee)
-        flops, bytes_ = flops + more_flops, bytes_ + more_bytes
-    return flops, bytes_
-
-  flops, bytes_ = once(hlo.entry)
-  more_flops, more_bytes = correction(hlo.entry)
-  return {'flops': flops + more_flops, 'bytes': bytes_ + more_bytes,
-          'uncounted_loops': len(uncounted)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Compiling one step and what it costs.
 
 
@@ -397,7 +251,8 @@ class StepReport:
   total_gib: Optional[float] = None  # arguments + outputs - aliased + temporaries + code
   code_gib: Optional[float] = None
   flops: Optional[float] = None  # loop-aware XLA count
-  bytes: Optional[float] = None  # HBM bytes accessed, loop-aware
+  bytes: Optional[float] = None  # bytes accessed, loop-aware, on-chip memory included
+  hbm_bytes: Optional[float] = None  # the part of `bytes` that moves through HBM
   model_flops: Optional[float] = None  # the work the step does for the model, x 3 for train
   roofline_step_s: Optional[float] = None  # max(compute_s, memory_s)
   roofline_mfu: Optional[float] = None
@@ -433,7 +288,7 @@ def compile_step(jitted, args, usable_hbm_gib: Optional[float]) -> StepReport:
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
            + memory.generated_code_size_in_bytes) / GIB
   text = compiled.as_text()
-  cost = loop_aware_cost(text, jax.extend.backend.get_backend('cpu'))
+  cost = hlo_cost.program_cost(text, jax.extend.backend.get_backend('cpu'))
   if cost['uncounted_loops']:
     print(f'  note: {cost["uncounted_loops"]} loop(s) without a readable trip count are counted '
           'once.', file=sys.stderr)
@@ -442,7 +297,7 @@ def compile_step(jitted, args, usable_hbm_gib: Optional[float]) -> StepReport:
       fits=usable_hbm_gib is None or total <= usable_hbm_gib,
       argument_gib=memory.argument_size_in_bytes / GIB, temp_gib=memory.temp_size_in_bytes / GIB,
       total_gib=total, code_gib=memory.generated_code_size_in_bytes / GIB,
-      flops=cost['flops'], bytes=cost['bytes'],
+      flops=cost['flops'], bytes=cost['bytes'], hbm_bytes=cost['hbm_bytes'],
       custom_calls=tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))))
 
 
@@ -452,7 +307,7 @@ def add_roofline(report: StepReport, model_flops: float, chip: Optional[Chip]) -
   if chip is None or report.flops is None:
     return
   report.compute_s = max(report.flops, model_flops) / chip.peak_flops
-  report.memory_s = report.bytes / chip.hbm_bytes_per_s
+  report.memory_s = report.hbm_bytes / chip.hbm_bytes_per_s
   report.roofline_step_s = max(report.compute_s, report.memory_s)
   report.bound = 'compute' if report.compute_s >= report.memory_s else 'memory'
   report.roofline_mfu = model_flops / chip.peak_flops / report.roofline_step_s
@@ -696,7 +551,8 @@ def _fmt_step(name: str, step: dict, chip: Optional[Chip]) -> list:
                f'{_gib(step["temp_gib"])}, total {_gib(step["total_gib"])}{limit}: '
                f'{"fits" if step["fits"] else "DOES NOT FIT"}')
   lines.append(f'  per chip per step: {_si(step["flops"], "FLOP")} (model '
-               f'{_si(step["model_flops"], "FLOP")}), {_si(step["bytes"], "B")} of HBM traffic')
+               f'{_si(step["model_flops"], "FLOP")}), {_si(step["hbm_bytes"], "B")} of HBM '
+               f'traffic ({_si(step["bytes"], "B")} with on-chip memory)')
   if step['roofline_step_s'] is not None:
     lines.append(f'  roofline: step >= {_seconds(step["roofline_step_s"])}, {step["bound"]} bound '
                  f'(compute {_seconds(step["compute_s"])}, HBM {_seconds(step["memory_s"])} at '

@@ -5,6 +5,7 @@ Token layout everywhere: (B, N, C) with N = h * w flattened row-major (h first),
 converter's key table reads one-to-one (the official state-dict keys).
 """
 
+import functools
 from typing import Any, Tuple
 
 import flax.linen as nn
@@ -81,10 +82,12 @@ class Attention(nn.Module):
     v = projection('value')(keys_values)
     scale = head_dim ** -0.5
     if self.dropout_rate > 0.0 and not deterministic:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-      out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+      # Only q, k and v are kept for the backward pass, which recomputes the maps (the dropout
+      # mask from the same key): saved, the logits, weights and mask of every layer were
+      # written and read back, 4 (B, H, Nq, Nk) arrays per layer.
+      attend = functools.partial(_dropout_attention, scale=scale, dtype=self.dtype)
+      out = nn.remat(attend, prevent_cse=False)(
+          nn.Dropout(self.dropout_rate, deterministic=False), q, k, v)
     else:
       out = attention_lib.attend(q * jnp.asarray(scale, q.dtype), k, v, self.attention)
     out = nn.DenseGeneral(
@@ -99,6 +102,13 @@ class Attention(nn.Module):
       # sharing logits with it would bring back the per-head maps the kernel avoids.
       mask_logits = jnp.einsum('bqhd,bkhd->bqk', q, k) * (scale / self.num_heads)
     return out, mask_logits
+
+
+def _dropout_attention(dropout: nn.Module, q, k, v, *, scale: float, dtype) -> jnp.ndarray:
+  """softmax(q k^T * scale) with dropout on the weights, times v: (B, Nq, H, hd)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', dropout(weights), v)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate, deterministic: bool) -> jnp.ndarray:
