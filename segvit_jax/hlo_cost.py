@@ -206,16 +206,14 @@ class _Pricer:
       outs = [(_bytes(s), _on_chip(s)) for s in _elements(shape)]
       return Cost(flops, sum(b for b, _ in ins + outs),
                   sum(b for b, chip in ins + outs if not chip))
-    hbm = sum(float(analysis.get(f'bytes accessed{i}{{}}', 0.0))
-              for i, s in enumerate(operands) if not _on_chip(s))
+    value = lambda key: max(float(analysis.get(key, 0.0)), 0.0)  # -1: unknown (AllocateBuffer)
+    hbm = sum(value(f'bytes accessed{i}{{}}') for i, s in enumerate(operands) if not _on_chip(s))
     outs = _elements(shape)
     if len(outs) == 1 and not shape.startswith('('):
-      hbm += 0.0 if _on_chip(shape) else float(analysis.get('bytes accessedout{}', 0.0))
+      hbm += 0.0 if _on_chip(shape) else value('bytes accessedout{}')
     else:
-      hbm += sum(float(analysis.get(f'bytes accessedout{{{j}}}', 0.0))
-                 for j, s in enumerate(outs) if not _on_chip(s))
-    return Cost(float(analysis.get('flops', 0.0)) + flops,
-                float(analysis.get('bytes accessed', 0.0)), hbm)
+      hbm += sum(value(f'bytes accessedout{{{j}}}') for j, s in enumerate(outs) if not _on_chip(s))
+    return Cost(value('flops') + flops, value('bytes accessed'), hbm)
 
   def _analyse(self, line, shape, op, operands, attributes) -> Optional[dict]:
     if any(not s for s in operands):

@@ -1,7 +1,11 @@
 """The SegViT model family at tiny sizes: shapes, gradients, inference semantics, options."""
 
+import contextlib
+import io
+
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +17,7 @@ from segvit_jax import losses
 from segvit_jax import resize
 from segvit_jax import sharding
 from segvit_jax.errors import UserError
+from segvit_jax.models import layers
 from segvit_jax.models import segvit
 from segvit_jax.models import vit
 
@@ -311,3 +316,43 @@ def test_per_block_checkpoint_restores_into_the_stacked_layout(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.all(np.asarray(a) == np.asarray(b))),
                                    restored, state))
+
+
+def _saved_shapes(fn, *args) -> list:
+  """The shapes of what the backward pass of `fn` keeps from its forward pass (weights too)."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  return [line.split()[0] for line in printed.getvalue().splitlines()]
+
+
+def test_mlp_backward_keeps_only_fc1_output():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 12, 8))
+  mlp = vit.Mlp(32)
+  params = mlp.init(jax.random.PRNGKey(1), x)
+  saved = _saved_shapes(lambda x: mlp.apply(params, x).sum(), x)
+  # The two kernels and fc1's pre-GELU output; not GELU's output or its erf / exp terms.
+  assert sorted(saved) == sorted(['f32[8,32]', 'f32[32,8]', 'f32[1,12,32]']), saved
+
+
+def test_dropout_attention_recomputes_its_maps_with_the_same_mask():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 12, 8))
+  attention = layers.Attention(2, dropout_rate=0.5)
+  params = attention.init(jax.random.PRNGKey(1), x, x, True)
+
+  def loss(x):
+    out, _ = attention.apply(params, x, x, False, rngs={'dropout': jax.random.PRNGKey(3)})
+    return (out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape)).sum()
+
+  saved = _saved_shapes(loss, x)
+  assert 'f32[1,2,12,12]' not in saved, saved  # no (B, H, Nq, Nk) map is kept
+  assert saved.count('f32[1,12,2,4]') == 3, saved  # q, k, v
+  # The recomputed maps use the forward's dropout mask: the gradient is the function's slope.
+  direction = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+  h = 1e-2
+  slope = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+  assert float(jnp.vdot(jax.grad(loss)(x), direction)) == pytest.approx(float(slope), rel=1e-3)
+  # ... and the mask does drop weights: another key gives another output.
+  other, _ = attention.apply(params, x, x, False, rngs={'dropout': jax.random.PRNGKey(4)})
+  assert not np.allclose(other, attention.apply(params, x, x, False,
+                                                rngs={'dropout': jax.random.PRNGKey(3)})[0])
