@@ -264,7 +264,7 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
       train_batch = on_mesh({'image': images, 'label': labels})
       step_fn, out['compile_train_s'] = compile_(
           'train_step', train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                              run.spec.shardings), state, train_batch)
+                                              run.spec), state, train_batch)
       held = {'state': state}
 
       def one_step():

@@ -198,6 +198,7 @@ def target_devices(target: Target) -> list:
 class Programs:
   mesh: Any
   state: Any  # abstract train state, leaves carrying their shardings
+  eval_params: Any  # abstract parameters as evaluations get them (the model's layout)
   train_step: Any  # jitted (state, batch) -> (state, metrics)
   eval_step: Any  # jitted (variables, batch, confusion) -> confusion
   attention: str  # which attention the ViT blocks use in these programs
@@ -209,11 +210,13 @@ def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
   from segvit_jax import train  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   run = train.setup(config, devices)
   train_step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                     run.spec.shardings)
+                                     run.spec)
   eval_step = jax.jit(evaluators.make_eval_step(run.model, config),
                       out_shardings=sharding.replicated(run.mesh))
-  return Programs(mesh=run.mesh, state=run.spec.abstract, train_step=train_step,
-                  eval_step=eval_step, attention=run.model.attention)
+  eval_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             run.spec.abstract.params, run.spec.model_params)
+  return Programs(mesh=run.mesh, state=run.spec.abstract, eval_params=eval_params,
+                  train_step=train_step, eval_step=eval_step, attention=run.model.attention)
 
 
 def _abstract_batches(config: ml_collections.ConfigDict, mesh, train_batch: int,
@@ -260,10 +263,16 @@ class StepReport:
   memory_s: Optional[float] = None  # bytes / HBM bandwidth
   bound: Optional[str] = None  # 'compute' or 'memory'
   custom_calls: tuple = ()  # custom-call targets in the program (Pallas: 'tpu_custom_call')
+  kernels: tuple = ()  # the names of the Pallas kernels in the program
   state_gib: Optional[float] = None  # train: parameters + optimizer state per chip
   error: str = ''  # the compiler's out-of-memory message
 
 
+# A Pallas call's name, in the op_name of its custom call: '.../NAME/pallas_call', NAME as
+# 'jit(flash_attention)' or with the block sizes appended ('flash_mha_bwd_dq_block_q_major=...').
+_KERNEL_NAME = re.compile(
+    r'custom_call_target="tpu_custom_call"[^\n]*?op_name="[^"]*?/(?:jit\()?([A-Za-z_]\w*?)'
+    r'(?:_block\w*=[^/"]*)?\)?/pallas_call"')
 _OOM = re.compile(r'RESOURCE_EXHAUSTED|[Oo]ut of memory')
 _REQUIRED = re.compile(r'required for [^(]*\(([\d.]+)([KMGT])\)')
 
@@ -298,7 +307,8 @@ def compile_step(jitted, args, usable_hbm_gib: Optional[float]) -> StepReport:
       argument_gib=memory.argument_size_in_bytes / GIB, temp_gib=memory.temp_size_in_bytes / GIB,
       total_gib=total, code_gib=memory.generated_code_size_in_bytes / GIB,
       flops=cost['flops'], bytes=cost['bytes'], hbm_bytes=cost['hbm_bytes'],
-      custom_calls=tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))))
+      custom_calls=tuple(sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))),
+      kernels=tuple(sorted(set(_KERNEL_NAME.findall(text)))))
 
 
 def add_roofline(report: StepReport, model_flops: float, chip: Optional[Chip]) -> None:
@@ -449,7 +459,7 @@ def _compile_eval(config, programs: Programs, plan: preflight.Plan, usable: Opti
   _, eval_batch = _abstract_batches(config, programs.mesh, 1, plan.eval_batch_size)
   k = config.dataset.num_classes
   confusion = jax.ShapeDtypeStruct((k, k), jnp.int32, sharding=sharding.replicated(programs.mesh))
-  variables = {'params': programs.state.params}
+  variables = {'params': programs.eval_params}
   views = sum(n for _, n in eval_forwards(config))
   _progress(f'compiling the eval step: batch {plan.eval_batch_size} ({plan.eval_batch_per_shard} '
             f'per data shard), bucket {tuple(config.dataset.eval_pad_size)}, {views} model '
@@ -557,6 +567,8 @@ def _fmt_step(name: str, step: dict, chip: Optional[Chip]) -> list:
     lines.append(f'  roofline: step >= {_seconds(step["roofline_step_s"])}, {step["bound"]} bound '
                  f'(compute {_seconds(step["compute_s"])}, HBM {_seconds(step["memory_s"])} at '
                  f'the peaks above): MFU <= {100 * step["roofline_mfu"]:.1f}%')
+  if step.get('kernels'):
+    lines.append(f'  Pallas kernels: {", ".join(step["kernels"])}')
   return lines
 
 

@@ -173,14 +173,17 @@ def _run_one(entry: Entry, step: int, params: PyTree, writer, results: dict) -> 
   return result
 
 
-def run_due(entries: list[Entry], due: Callable[[int], bool], step: int, params: PyTree,
-            writer, results: dict, pause: Callable[[float], None]) -> Optional[float]:
+def run_due(entries: list[Entry], due: Callable[[int], bool], step: int,
+            params: Callable[[], PyTree], writer, results: dict,
+            pause: Callable[[float], None]) -> Optional[float]:
   """Runs the entries whose `due(every_steps)` is true; returns the first mIoU entry's mIoU if
-  it ran. `pause(seconds)` is told how long the evaluations took (the ETA leaves them out)."""
-  start, miou = time.time(), None
+  it ran. `params()` gives the parameters (in the model's layout), called only when an entry is
+  due. `pause(seconds)` is told how long the evaluations took (the ETA leaves them out)."""
+  start, miou, fetched = time.time(), None, None
   for entry in entries:
     if due(entry.every_steps):
-      result = _run_one(entry, step, params, writer, results)
+      fetched = params() if fetched is None else fetched
+      result = _run_one(entry, step, fetched, writer, results)
       if miou is None and isinstance(entry.evaluator, MiouEvaluator):
         miou = float(result['miou'])
   pause(time.time() - start)

@@ -156,14 +156,15 @@ def logical_to_shardings(abstract_boxed: PyTree, mesh: Mesh,
 
 
 def update_sharding(param_sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
-  """Where the optimizer keeps and updates one parameter's state: the parameter's layout, with
-  the batch axes that replicate it splitting a dimension they divide (ZeRO-1).
+  """Where the train state keeps one parameter and its optimizer state, and the update runs:
+  the parameter's (model) layout, with the batch axes that replicate it splitting a dimension
+  they divide.
 
   Every data-parallel device would otherwise read the whole gradient, both Adam moments and the
   parameters and write three of them back each step; split this way each does 1 / N of that
-  update, the gradients are reduce-scattered instead of all-reduced, and the new parameters are
-  all-gathered into their own layout. The update is elementwise: the same numbers either way.
-  A leaf that no such dimension divides keeps its parameter's layout.
+  update, the gradients are reduce-scattered instead of all-reduced, and the step gathers the
+  parameters into the model's layout before the forward pass. The update is elementwise: the
+  same numbers either way. A leaf that no such dimension divides keeps its parameter's layout.
   """
   mesh = param_sharding.mesh
   spec = list(param_sharding.spec) + [None] * (len(shape) - len(param_sharding.spec))

@@ -74,9 +74,15 @@ class TrainState:
 
 @dataclasses.dataclass
 class StateSpec:
-  """What the sharded state looks like: shapes with their target shardings."""
+  """What the sharded state looks like: shapes with their target shardings.
+
+  The state keeps each parameter where its update runs (`update_shardings`: split over the
+  batch axes too, as its Adam moments); the model reads it in `model_params`, the layout of its
+  logical axes (replicated over the batch axes), gathered at the start of each step.
+  """
   abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding set
   shardings: TrainState  # leaves: NamedSharding
+  model_params: PyTree  # leaves: NamedSharding
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -88,17 +94,24 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def state_spec(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -> StateSpec:
   """Shapes and shardings of the train state, without allocating any of it."""
   boxed = segvit.abstract_params(model)
-  param_shardings = sharding.logical_to_shardings(boxed, mesh)
+  model_shardings = sharding.logical_to_shardings(boxed, mesh)
   params = nn.unbox(boxed)
+  stored = update_shardings(model_shardings, params)
   opt_state = jax.eval_shape(tx.init, params)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, opt_state, update_shardings(param_shardings, params),
-      transform_non_params=lambda _: replicated)
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_state, stored,
+                                        transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=stored, opt_state=opt_shardings)
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=opt_state)
-  return StateSpec(checkpoint_lib.abstract_like(abstract_state, shardings), shardings)
+  return StateSpec(checkpoint_lib.abstract_like(abstract_state, shardings), shardings,
+                   model_shardings)
+
+
+def model_layout(params: PyTree, spec: StateSpec) -> PyTree:
+  """The state's parameters in the layout the model reads (`spec.model_params`), e.g. for an
+  evaluation: gathered over the batch axes."""
+  return jax.jit(lambda p: p, out_shardings=spec.model_params)(params)
 
 
 def update_shardings(param_shardings: PyTree, params: PyTree) -> PyTree:
@@ -168,7 +181,7 @@ def _accumulated(grad_fn, params, images, labels, rng, accum: int, mesh: Mesh):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array],
                     config: ml_collections.ConfigDict, mesh: Mesh,
-                    state_shardings: TrainState) -> Callable[..., Any]:
+                    spec: StateSpec) -> Callable[..., Any]:
   """The jitted (state, batch) -> (state, metrics); the state's buffers are donated.
 
   batch: {'image': (B, H, W, 3) float32 normalised, 'label': (B, H, W) int32, 255 = ignore}.
@@ -183,6 +196,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, sharding.batch_sharding(mesh, x.ndim)), tree)
 
+  constrain = lambda tree, shardings: jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                                                   shardings)
+
   def loss_fn(params, images, labels, rng):
     images, labels = batch_sharded((images, labels))
     outputs = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
@@ -193,23 +209,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(_keys(config.seed)[1], state.step)
+    # Gathered once, for every micro-batch. The barrier keeps the gather whole: left free, the
+    # partitioner may fuse it into each layer's matmuls as a loop over the shards (a windowed
+    # einsum) that reads the activations once per shard.
+    params = jax.lax.optimization_barrier(constrain(state.params, spec.model_params))
     if accum == 1:
-      (loss, terms), grads = grad_fn(state.params, batch['image'], batch['label'], rng)
+      (loss, terms), grads = grad_fn(params, batch['image'], batch['label'], rng)
     else:
-      (loss, terms), grads = _accumulated(grad_fn, state.params, batch['image'], batch['label'],
+      (loss, terms), grads = _accumulated(grad_fn, params, batch['image'], batch['label'],
                                           rng, accum, mesh)
-    # The update runs on each device's part of the optimizer state: gradients and parameters
-    # taken to that layout, the new parameters back to theirs by out_shardings. The gradients
-    # are summed in the parameters' layout first: asked for the split layout straight away, the
-    # partitioner computes each weight gradient in a loop over the shards (a windowed einsum)
-    # that reads the activations once per shard.
-    layout = update_shardings(state_shardings.params, state.params)
-    constrain = lambda tree, shardings: jax.tree.map(jax.lax.with_sharding_constraint, tree,
-                                                     shardings)
-    grads = constrain(constrain(grads, state_shardings.params), layout)
-    params = constrain(state.params, layout)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
+    # The update runs on each device's part of the parameters and optimizer state, where the
+    # state keeps them: the gradients, summed in the model's layout first, are taken to it.
+    # Asked for the split layout straight away, the partitioner computes each weight gradient in
+    # a loop over the shards (a windowed einsum) that reads the activations once per shard.
+    # Kept in the model's layout instead, the new parameters were all-gathered in float32 into
+    # the donated buffers each step, and both sides copied.
+    grads = constrain(constrain(grads, spec.model_params), spec.shardings.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
                'learning_rate': schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -217,8 +234,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   batch_shardings = {'image': sharding.batch_sharding(mesh, 4),
                      'label': sharding.batch_sharding(mesh, 3)}
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+  return jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
+                 out_shardings=(spec.shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
 
@@ -490,6 +507,7 @@ class LoopOutcome:
 class Loop:
   """What the loop body works with, besides the state."""
   config: ml_collections.ConfigDict
+  spec: StateSpec
   train_step: Callable[..., Any]
   evals: list
   ckpt: checkpoint_lib.Checkpointer
@@ -539,8 +557,8 @@ def _train_loop(state: TrainState, batches, loop: Loop) -> LoopOutcome:
     if itstime(step, int(config.log_every_steps), num_steps):
       _log(step, loop, outcome)
     miou = evaluators_lib.run_due(loop.evals, lambda every: itstime(step, every, num_steps),
-                                  step, outcome.state.params, loop.writer, outcome.results,
-                                  loop.progress.pause)
+                                  step, lambda: model_layout(outcome.state.params, loop.spec),
+                                  loop.writer, outcome.results, loop.progress.pause)
     best = None if miou is None else {checkpoint_lib.BEST_METRIC: miou}
     stopping = loop.stop.requested(step)
     if stopping or best is not None or itstime(step, int(config.checkpoint_every_steps),
@@ -588,8 +606,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       # Steps, evaluators and data.
       evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir)
       train_step = make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                   run.spec.shardings)
-      loop = Loop(config, distributed.compiled_together(train_step, 'the train step'),
+                                   run.spec)
+      loop = Loop(config, run.spec, distributed.compiled_together(train_step, 'the train step'),
                   evals, ckpt, writer, stop, PendingMetrics(),
                   Progress(start, int(config.num_train_steps)), after_step)
       train_ds = input_pipeline.create_train_dataset(
@@ -603,7 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     'same command to resume.')
         return {'step': step, 'stopped_by': outcome.stopped_by, **outcome.last_logged}
       # Final results: evaluators that did not run at this step (a resumed, finished run).
-      evaluators_lib.run_missing(evals, step, outcome.state.params, writer, outcome.results)
+      evaluators_lib.run_missing(evals, step, model_layout(outcome.state.params, run.spec),
+                                 writer, outcome.results)
       result = {'step': step, **outcome.last_logged}
       result.update(evaluators_lib.write_final(evals, outcome.results, final_path, step))
       return result
@@ -635,7 +654,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   source = config.init_checkpoint or workdir
   run = setup(config, devices)
   with jax.set_mesh(run.mesh):
-    params = _load_params(source, run, config)
+    params = model_layout(_load_params(source, run, config), run.spec)
     step = checkpoint_lib.params_step(source)
     fileio.makedirs(workdir)
     writer = MetricsWriter(workdir)

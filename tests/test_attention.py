@@ -10,6 +10,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from segvit_jax.errors import UserError
 from segvit_jax.models import attention
+from segvit_jax.models import layers
+from segvit_jax.models import tpu_dropout_attention
 
 
 def reference(q, k, v):
@@ -26,16 +28,18 @@ def _inputs(nq, nk, dtype=jnp.float32, seed=0, heads=3, head_dim=8):
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def check_against_reference(fn, q, k, v, atol, grad_atol):
-  """fn's output and its q / k / v gradients (of a random projection) vs the float32 formula."""
+def check_against_reference(fn, q, k, v, atol, grad_atol, reference_fn=None):
+  """fn's output and its q / k / v gradients (of a random projection) vs the float32 formula
+  (`reference_fn`, default `reference`)."""
+  reference_fn = reference_fn or reference
   as32 = lambda *a: tuple(x.astype(jnp.float32) for x in a)
   got = fn(q, k, v)
   assert got.dtype == v.dtype and got.shape == q.shape
-  want = reference(*as32(q, k, v))
+  want = reference_fn(*as32(q, k, v))
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=atol)
   probe = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
   grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * probe), argnums=(0, 1, 2))
-  expected = jax.grad(lambda *a: jnp.sum(reference(*a) * probe), argnums=(0, 1, 2))
+  expected = jax.grad(lambda *a: jnp.sum(reference_fn(*a) * probe), argnums=(0, 1, 2))
   for name, g, w in zip('qkv', grads(q, k, v), expected(*as32(q, k, v))):
     scale = float(jnp.max(jnp.abs(w)))
     assert scale > 1e-3, name
@@ -93,6 +97,78 @@ def test_pallas_tpu_padding_gives_padded_keys_no_weight():
   with pltpu.force_tpu_interpret_mode():
     got = attention.flash_tpu(q, k, v)
   np.testing.assert_allclose(got, reference(q, k, v), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU: our kernel for attention with dropout, in interpret mode on this CPU.
+
+RATE = 0.1
+
+
+def numpy_keep_mask(seed: int, nq: int, nk: int, width: int, rate: float) -> np.ndarray:
+  """murmur3's 32-bit finaliser of (row * width + col) * 0x9E3779B1 + seed, in uint32."""
+  rows, cols = np.meshgrid(np.arange(nq, dtype=np.uint64), np.arange(nk, dtype=np.uint64),
+                           indexing='ij')
+  m32 = np.uint64(0xFFFFFFFF)
+  x = ((rows * np.uint64(width) + cols) * np.uint64(0x9E3779B1) + np.uint64(seed % 2**32)) & m32
+  x ^= x >> np.uint64(16)
+  x = (x * np.uint64(0x85EBCA6B)) & m32
+  x ^= x >> np.uint64(13)
+  x = (x * np.uint64(0xC2B2AE35)) & m32
+  x ^= x >> np.uint64(16)
+  return (x >> np.uint64(8)) >= round(rate * 2**24)
+
+
+def dropout_reference(q, k, v, seeds):
+  """softmax(q k^T), weights dropped where numpy_keep_mask says and scaled, times v."""
+  nq, nk = q.shape[1], k.shape[1]
+  keep = np.stack([np.stack([numpy_keep_mask(int(s), nq, nk, attention.tpu_padded_length(nk), RATE)
+                             for s in row]) for row in np.asarray(seeds)])  # (B, H, Nq, Nk)
+  weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32), axis=-1)
+  weights = jnp.where(keep, weights / (1 - RATE), 0.0)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+
+
+def test_dropout_keep_mask_is_the_hash_and_keeps_one_minus_rate():
+  rows, cols = jnp.arange(300)[:, None], jnp.arange(200)[None, :]
+  for seed in (0, 12345, -2**31, 2**31 - 1):
+    got = tpu_dropout_attention.keep_mask(jnp.int32(seed), rows, cols, 256, RATE)
+    np.testing.assert_array_equal(got, numpy_keep_mask(seed, 300, 200, 256, RATE))
+  masks = [np.asarray(tpu_dropout_attention.keep_mask(jnp.int32(s), rows, cols, 256, RATE))
+           for s in (1, 2)]
+  assert abs(masks[0].mean() - 0.9) < 0.005 and abs(masks[1].mean() - 0.9) < 0.005
+  # Two seeds' masks are independent: they agree where both keep or both drop, 0.9^2 + 0.1^2.
+  assert abs((masks[0] == masks[1]).mean() - 0.82) < 0.01
+
+
+@pytest.mark.parametrize('nq,nk,dtype,atol,grad_atol', [
+    (130, 130, jnp.float32, 1e-5, 1e-5),  # self-attention: 2 query blocks, keys padded to 256
+    (40, 200, jnp.bfloat16, 4e-2, 4e-2),  # fewer queries than keys (the ATM cross-attention)
+])
+def test_pallas_tpu_dropout_kernel_matches_the_formula(nq, nk, dtype, atol, grad_atol):
+  q, k, v = _inputs(nq, nk, dtype, heads=2, head_dim=16)
+  q = q / 4
+  seeds = attention.dropout_seeds(jax.random.key(3), 2, 2)
+  kernel = lambda q, k, v: attention.dropout_flash_tpu(q, k, v, seeds, RATE)
+  with pltpu.force_tpu_interpret_mode():
+    check_against_reference(kernel, q, k, v, atol, grad_atol,
+                            reference_fn=lambda q, k, v: dropout_reference(q, k, v, seeds))
+
+
+def test_attention_layer_in_training_on_tpu_takes_the_dropout_kernel(monkeypatch):
+  calls = []
+  def fake(q, k, v, seeds, rate):
+    calls.append((q.shape, seeds.shape, seeds.dtype, rate))
+    return v
+  monkeypatch.setattr(attention, 'attend_dropout_pallas_tpu', fake)
+  layer = layers.Attention(4, dropout_rate=RATE, attention='pallas_tpu')
+  x, memory = jnp.ones((2, 5, 8)), jnp.ones((2, 7, 8))
+  with pltpu.force_tpu_interpret_mode():  # without dropout: the flash kernel
+    variables = layer.init(jax.random.key(0), x, memory, True)
+    layer.apply(variables, x, memory, False, rngs={'dropout': jax.random.key(1)})
+    assert calls == [((2, 5, 4, 2), (2, 4), jnp.int32, RATE)]
+    layer.apply(variables, x, memory, True)
+  assert len(calls) == 1
 
 
 def test_tpu_blocks():

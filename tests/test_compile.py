@@ -16,6 +16,7 @@ import pytest
 
 from segvit_jax import compile as compile_lib
 from segvit_jax.errors import UserError
+from segvit_jax.models import tpu_dropout_attention
 
 # Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group('compile')
@@ -26,7 +27,7 @@ except ImportError:
   import tiny_runs  # pylint: disable=g-import-not-at-top
 
 STEP_KEYS = {'compile_s', 'argument_gib', 'temp_gib', 'total_gib', 'fits', 'flops', 'bytes',
-             'hbm_bytes', 'roofline_step_s', 'roofline_mfu'}
+             'hbm_bytes', 'roofline_step_s', 'roofline_mfu', 'kernels'}
 
 
 def libtpu_env() -> dict:
@@ -93,6 +94,11 @@ def test_pallas_attention_kernel_is_in_the_tpu_programs(tiny_tpu):
   # Mosaic custom call in the compiled train and eval programs.
   assert 'tpu_custom_call' in tiny_tpu['train']['custom_calls'], tiny_tpu['attention']
   assert 'tpu_custom_call' in tiny_tpu['eval']['custom_calls'], tiny_tpu['attention']
+  # The decoders' attention with dropout (training only): our kernel, forward and backward.
+  ours = {tpu_dropout_attention.FORWARD_NAME, tpu_dropout_attention.BACKWARD_NAME}
+  assert ours <= set(tiny_tpu['train']['kernels']), tiny_tpu['train']['kernels']
+  assert not ours & set(tiny_tpu['eval']['kernels']), tiny_tpu['eval']['kernels']
+  assert len(tiny_tpu['eval']['kernels']) >= 1
 
 
 def test_a_step_that_does_not_fit_exits_1_naming_what_to_change():

@@ -278,17 +278,19 @@ def test_parameters_and_moments_are_sharded():
   specs = {}
   for mesh in ('data:4,model:2', 'data:2,fsdp:4'):
     run = train.setup(tiny_runs.tiny_config(mesh=mesh, **_MESH_RUN))
-    layout = train.update_shardings(run.spec.shardings.params, run.spec.abstract.params)
-    specs[mesh] = (_specs(run.spec.shardings.params), _specs(run.spec.shardings.opt_state[1].mu),
+    layout = train.update_shardings(run.spec.model_params, run.spec.abstract.params)
+    specs[mesh] = (_specs(run.spec.model_params), _specs(run.spec.shardings.params),
+                   _specs(run.spec.shardings.opt_state[1].mu),
                    _specs(jax.tree.map(lambda a: a.sharding, run.spec.abstract.params)),
                    _specs(layout))
   assert any("'model'" in s for s in specs['data:4,model:2'][0].values())
   assert any("'fsdp'" in s for s in specs['data:2,fsdp:4'][0].values())
-  for params, mu, abstract, layout in specs.values():
-    assert abstract == params
-    assert mu == layout  # Adam moments live where the update runs: split over 'data' too
-    assert not any("'data'" in s for s in params.values())
-    assert any("'data'" in s for s in mu.values())
+  for model, stored, mu, abstract, layout in specs.values():
+    # The state keeps parameters and Adam moments where the update runs, split over 'data' too;
+    # the model reads the parameters gathered over it.
+    assert abstract == stored == mu == layout
+    assert any("'data'" in s for s in stored.values())
+    assert not any("'data'" in s for s in model.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def _one_step(config, params=None, opt_state=None):
       state = jax.device_put(train.TrainState(np.int32(0), params, opt_state), run.spec.shardings)
     start = jax.tree.map(np.asarray, (state.params, state.opt_state))
     step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                 run.spec.shardings)
+                                 run.spec)
     images, labels = _batch()
     new_state, metrics = step(state, {'image': images, 'label': labels})
   return run, start, jax.device_get(new_state), jax.device_get(metrics)

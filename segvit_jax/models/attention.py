@@ -7,12 +7,15 @@ k, v (B, Nk, H, hd), and returns (B, Nq, H, hd) in v's dtype; softmax statistics
   'per_head'    CPU: large maps head by head, with a backward that recomputes each map from the
                 saved log-sum-exp (`attend_per_head`); small maps batched as 'xla'.
   'pallas_tpu'  TPU: the Pallas flash-attention kernel (`jax.experimental.pallas.ops.tpu`);
-                token counts padded to its block, padded keys masked out.
+                token counts padded to its block, padded keys masked out. With dropout on
+                the weights (the heads in training): our kernel (`tpu_dropout_attention`).
   'cudnn'       GPU: cuDNN's fused flash attention (`jax.nn.dot_product_attention`), bfloat16.
 
 `resolve_attention` turns `config.model.attention` ('auto' or one of these) into the one a step
 on a given platform uses.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from segvit_jax import sharding
 from segvit_jax.errors import UserError
+from segvit_jax.models import tpu_dropout_attention
 
 IMPLEMENTATIONS = ('xla', 'per_head', 'pallas_tpu', 'cudnn')
 CHOICES = ('auto',) + IMPLEMENTATIONS
@@ -206,19 +210,51 @@ def _shard_axes(mesh, names, size):
 
 
 def attend_pallas_tpu(q, k, v):
-  """`flash_tpu` on each device's part of the batch (and of the heads, over 'model').
+  """`flash_tpu` on each device's part of the batch (and of the heads, over 'model')."""
+  return _per_shard(flash_tpu, q, k, v)
+
+
+def dropout_flash_tpu(q, k, v, seeds, rate: float):
+  """`attend` with dropout(rate) on the weights, on one device's shard: q (B, Nq, H, hd) scaled,
+  k, v (B, Nk, H, hd), seeds (B, H) int32 (`dropout_seeds`). Queries are padded to the kernel's
+  block, keys to 128 and masked (`tpu_dropout_attention`)."""
+  nq, nk = q.shape[1], k.shape[1]
+  block = tpu_dropout_attention.BLOCK_Q
+  lq, lk = -(-nq // block) * block, tpu_padded_length(nk)
+  to_kernel = lambda x, length: jnp.pad(
+      x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+  out = tpu_dropout_attention.dropout_attention(
+      to_kernel(q, lq), to_kernel(k, lk), to_kernel(v, lk), seeds.reshape(-1), nk, rate)
+  return out[:, :, :nq].transpose(0, 2, 1, 3)
+
+
+def attend_dropout_pallas_tpu(q, k, v, seeds, rate: float):
+  """`dropout_flash_tpu` on each device's part of the batch (and of the heads)."""
+  return _per_shard(functools.partial(dropout_flash_tpu, rate=rate), q, k, v, seeds=seeds)
+
+
+def dropout_seeds(key, batch: int, heads: int) -> jnp.ndarray:
+  """(batch, heads) int32 seeds of the kernel's dropout masks, from a PRNG key."""
+  return jax.lax.bitcast_convert_type(jax.random.bits(key, (batch, heads), jnp.uint32),
+                                      jnp.int32)
+
+
+def _per_shard(kernel, q, k, v, seeds=None):
+  """kernel(q, k, v[, seeds]) on each device's part of the batch (and of the heads, 'model').
 
   XLA cannot partition a Mosaic kernel itself, so under a mesh (`jax.set_mesh`, which callers
   trace the step under) the kernel runs inside `shard_map`. Without a mesh it is called as is
   (one device).
   """
+  args = (q, k, v) if seeds is None else (q, k, v, seeds)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return flash_tpu(q, k, v)
-  spec = P(_shard_axes(mesh, sharding.BATCH_AXES, q.shape[0]), None,
-           _shard_axes(mesh, ('model',), q.shape[2]), None)
-  return jax.shard_map(flash_tpu, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q, k, v)
+    return kernel(*args)
+  batch_axes = _shard_axes(mesh, sharding.BATCH_AXES, q.shape[0])
+  head_axes = _shard_axes(mesh, ('model',), q.shape[2])
+  spec = P(batch_axes, None, head_axes, None)
+  specs = (spec,) * 3 + (() if seeds is None else (P(batch_axes, head_axes),))
+  return jax.shard_map(kernel, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from segvit_jax.models import attention as attention_lib
+from segvit_jax.models import tpu_dropout_attention
 
 Dtype = Any
 
@@ -53,8 +54,9 @@ class Attention(nn.Module):
   `(out (B, Nq, C), mask_logits (B, Nq, Nk) or None)`. With `return_mask_logits`, the second output
   is the head-averaged PRE-softmax logits, the ATM mask (official `atm_head.py`, `Attention`).
   `attention` names the softmax(q k^T) v implementation (`models.attention`). Dropout on the
-  attention weights needs the weights themselves, so a training step with dropout computes them
-  explicitly whatever `attention` says.
+  attention weights needs the weights themselves: on TPU a kernel of ours computes them in VMEM
+  (`tpu_dropout_attention`); elsewhere a training step with dropout computes them explicitly
+  whatever `attention` says.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -81,7 +83,13 @@ class Attention(nn.Module):
     k = projection('key')(keys_values)
     v = projection('value')(keys_values)
     scale = head_dim ** -0.5
-    if self.dropout_rate > 0.0 and not deterministic:
+    dropout = self.dropout_rate > 0.0 and not deterministic
+    if (dropout and self.attention == 'pallas_tpu'
+        and k.shape[1] <= tpu_dropout_attention.MAX_KEYS):
+      seeds = attention_lib.dropout_seeds(self.make_rng('dropout'), q.shape[0], self.num_heads)
+      out = attention_lib.attend_dropout_pallas_tpu(
+          q * jnp.asarray(scale, q.dtype), k, v, seeds, self.dropout_rate)
+    elif dropout:
       # Only q, k and v are kept for the backward pass, which recomputes the maps (the dropout
       # mask from the same key): saved, the logits, weights and mask of every layer were
       # written and read back, 4 (B, H, Nq, Nk) arrays per layer.
