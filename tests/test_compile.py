@@ -102,10 +102,11 @@ def test_pallas_attention_kernel_is_in_the_tpu_programs(tiny_tpu):
 
 
 def test_a_step_that_does_not_fit_exits_1_naming_what_to_change():
-  # A 2-block ViT of width 8192: 1.6 G parameters, replicated over config.mesh data:4 (6 GiB per
-  # chip) with their AdamW moments split over it (12 / 4 GiB): 9 GiB of state per chip, and the
-  # step more than a v5e chip's 15.75 GiB.
+  # A 4-block ViT of width 8192: 3.2 G parameters, stored with their AdamW moments split over
+  # config.mesh data:4 (36 / 4 GiB): 9 GiB of state per chip, more than half a v5e chip's
+  # 15.75 GiB, and the step more than all of it.
   result = _compile('--config.model.embed_dim=8192', '--config.model.num_heads=8',
+                    '--config.model.depth=4', '--config.model.out_indices=(1, 3)',
                     '--train_only')
   assert result.returncode == 1, result.stderr[-4000:]
   last = result.stderr.strip().splitlines()[-1]
