@@ -27,8 +27,10 @@ BLOCK_Q = 128
 # The kernels' names in compiled programs (the custom calls' metadata).
 FORWARD_NAME = 'segvit_dropout_attention_fwd'
 BACKWARD_NAME = 'segvit_dropout_attention_bwd'
-# Keys beyond this would not leave room in VMEM for a block's (BLOCK_Q, Lk) float32 maps.
-MAX_KEYS = 4096
+# The backward kernel's (BLOCK_Q, Lk) float32 maps and resident dk, dv must fit in VMEM: at 2048
+# keys both kernels compile for v4, v5e and v6e chips in float32 and bfloat16; at 4096, v4 runs
+# out of VMEM. Longer key sequences take the XLA path.
+MAX_KEYS = 2048
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _TRANS_B = (((1,), (1,)), ((), ()))
 
