@@ -111,7 +111,12 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -
 def model_layout(params: PyTree, spec: StateSpec) -> PyTree:
   """The state's parameters in the layout the model reads (`spec.model_params`), e.g. for an
   evaluation: gathered over the batch axes."""
-  return jax.jit(lambda p: p, out_shardings=spec.model_params)(params)
+  # A module-level function, so that jit's cache serves every evaluation after the first.
+  return jax.jit(_identity, out_shardings=spec.model_params)(params)
+
+
+def _identity(tree: PyTree) -> PyTree:
+  return tree
 
 
 def update_shardings(param_shardings: PyTree, params: PyTree) -> PyTree:

@@ -125,40 +125,36 @@ def _cost(q, k, matmuls: int, arrays) -> pl.CostEstimate:
                          bytes_accessed=sum(x.size * x.dtype.itemsize for x in arrays))
 
 
-def _forward(q, k, v, seeds, nk, rate):
+def _call(kernel, name, q, k, out_shape, in_specs, out_specs, query_axis, matmuls, args):
+  """One pallas_call over the grid (B, H, Lq / BLOCK_Q), seeds as its scalar prefetch."""
   batch, heads, lq, _ = q.shape
-  rows, whole = _specs(q, k)
-  out_shape = jax.ShapeDtypeStruct(q.shape, v.dtype)
   return pl.pallas_call(
-      functools.partial(_forward_kernel, nk=nk, rate=rate, heads=heads),
-      name=FORWARD_NAME,
-      out_shape=out_shape,
+      kernel, name=name, out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(batch, heads, lq // BLOCK_Q),
-          in_specs=[rows, whole, whole], out_specs=rows),
+          in_specs=in_specs, out_specs=out_specs),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'parallel', 'parallel')),
-      cost_estimate=_cost(q, k, 2, (q, k, v, out_shape)),
-  )(seeds, q, k, v)
+          dimension_semantics=('parallel', 'parallel', query_axis)),
+      cost_estimate=_cost(q, k, matmuls, args[1:] + tuple(jax.tree.leaves(out_shape))),
+  )(*args)
+
+
+def _forward(q, k, v, seeds, nk, rate):
+  rows, whole = _specs(q, k)
+  return _call(functools.partial(_forward_kernel, nk=nk, rate=rate, heads=q.shape[1]),
+               FORWARD_NAME, q, k, jax.ShapeDtypeStruct(q.shape, v.dtype), [rows, whole, whole],
+               rows, 'parallel', 2, (seeds, q, k, v))
 
 
 def _backward(q, k, v, out, d_out, seeds, nk, rate):
-  batch, heads, lq, _ = q.shape
   rows, whole = _specs(q, k)
   out_shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct(k.shape, jnp.float32),
                 jax.ShapeDtypeStruct(v.shape, jnp.float32))
-  return pl.pallas_call(
-      functools.partial(_backward_kernel, nk=nk, rate=rate, heads=heads),
-      name=BACKWARD_NAME,
-      out_shape=out_shapes,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(batch, heads, lq // BLOCK_Q),
-          in_specs=[rows, whole, whole, rows, rows], out_specs=[rows, whole, whole]),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel', 'parallel', 'arbitrary')),
-      cost_estimate=_cost(q, k, 5, (q, k, v, out, d_out) + out_shapes),
-  )(seeds, q, k, v, out, d_out)
+  # dk and dv are summed over the query blocks: that grid axis runs in order.
+  return _call(functools.partial(_backward_kernel, nk=nk, rate=rate, heads=q.shape[1]),
+               BACKWARD_NAME, q, k, out_shapes, [rows, whole, whole, rows, rows],
+               [rows, whole, whole], 'arbitrary', 5, (seeds, q, k, v, out, d_out))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
