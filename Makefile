@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) -m segvit_jax.main --config=configs/synthetic.py --workdir=$(DEMO_DIR)
 
 test: $(STAMP) $(LIBTPU_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean-venv:
 	rm -rf $(VENV) $(LIBTPU)

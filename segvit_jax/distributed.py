@@ -100,16 +100,30 @@ def _client():
   return jax_distributed.global_state.client
 
 
-def report_failure() -> None:
+def report_failure() -> Optional[int]:
   """Tells the other processes of the job that this one is failing, so that they end now (their
-  `_end_when_another_fails` watchers) rather than when its heartbeats stop."""
+  `_end_when_another_fails` watchers) rather than when its heartbeats stop.
+
+  Returns the index of a process that reported a failure before this one, else None: then this
+  process's error is most likely the consequence (a collective whose peer has left), not a cause.
+  """
   client = _client()
   if client is None:
-    return
+    return None
   try:
     client.key_value_set(_FAILED_KEY, str(jax.process_index()))
-  except Exception:  # pylint: disable=broad-except  (another process reported first)
-    pass
+    return None
+  except Exception:  # pylint: disable=broad-except  (the key exists: another process was first)
+    try:
+      first = int(client.key_value_try_get(_FAILED_KEY))
+    except Exception:  # pylint: disable=broad-except  (the service is gone)
+      return None
+    return None if first == jax.process_index() else first
+
+
+def failure_line(failed, me: int) -> str:
+  return (f'error: process {failed} of {jax.process_count()} failed (its log says why); '
+          f'ending process {me}.')
 
 
 def _end_when_another_fails() -> None:
@@ -128,8 +142,7 @@ def _end_when_another_fails() -> None:
       except Exception:  # pylint: disable=broad-except  (not set, or the service is gone)
         continue
       if failed != str(me):
-        print(f'error: process {failed} of {jax.process_count()} failed (its log says why); '
-              f'ending process {me}.', file=sys.stderr, flush=True)
+        print(failure_line(failed, me), file=sys.stderr, flush=True)
         os._exit(1)  # pylint: disable=protected-access
       return
 

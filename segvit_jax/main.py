@@ -97,10 +97,13 @@ def _run(config, workdir: str) -> dict:
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
-    print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
-          f'{traceback.format_exc()}', file=sys.stderr, flush=True)
     from segvit_jax import distributed  # pylint: disable=g-import-not-at-top
-    distributed.report_failure()
+    first = distributed.report_failure()
+    if first is None:
+      print(f'ERROR on process {jax.process_index()} of {jax.process_count()}; ending the job:\n'
+            f'{traceback.format_exc()}', file=sys.stderr, flush=True)
+    else:  # e.g. a collective that lost its peer: the other process's log has the cause
+      print(distributed.failure_line(first, jax.process_index()), file=sys.stderr, flush=True)
     _exit(1)
 
 

@@ -18,9 +18,6 @@ from segvit_jax import compile as compile_lib
 from segvit_jax.errors import UserError
 from segvit_jax.models import tpu_dropout_attention
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('compile')
-
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:
@@ -56,7 +53,7 @@ def _compile(*flags, topology='v5litepod-4'):
                         text=True, timeout=1200)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tiny_tpu():
   result = _compile('--json')
   assert result.returncode == 0, result.stderr[-4000:]

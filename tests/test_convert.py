@@ -30,9 +30,6 @@ from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
 import segvit_reference as ref
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('convert')
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 7
 TINY = dict(embed_dim=64, depth=4, num_heads=4, out_indices=(1, 2, 3), decoder_dim=32,
@@ -54,7 +51,7 @@ def run_cli(*args):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def files(tmp_path_factory):
   """A tiny plain model saved as an mmcv checkpoint (meta + optimizer) and as a bare state dict,
   plus a segvit_jax config file describing it."""

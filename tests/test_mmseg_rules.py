@@ -6,11 +6,8 @@ import pytest
 import mmcv_reference as ref
 from segvit_jax import mmseg_rules
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('mmseg_rules')
 
-
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def photo():
   return ref.photo()
 

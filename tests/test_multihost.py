@@ -19,10 +19,6 @@ import pytest
 
 from segvit_jax import train
 
-# One pytest-xdist worker (--dist loadgroup): the processes of two jobs at once would be too many
-# for 2 cores.
-pytestmark = pytest.mark.xdist_group('multihost')
-
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:

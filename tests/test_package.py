@@ -26,9 +26,6 @@ import pytest
 from conftest import ROOT
 import tiny_runs
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('package')
-
 # What the build reads: pyproject.toml, the README (long description), the requirements files
 # (dependencies and extras) and the two source folders.
 _BUILD_FILES = re.compile(r'pyproject\.toml|README\.md|requirements.*\.txt')
@@ -58,7 +55,7 @@ class Installed:
     return dict(parser['console_scripts'])
 
 
-@pytest.fixture(name='installed', scope='module')
+@pytest.fixture(name='installed', scope='session')
 def installed_fixture(tmp_path_factory, repo_root, subprocess_env):
   tmp = tmp_path_factory.mktemp('package')
   # A copy of the build inputs: setuptools writes build/ and *.egg-info next to its sources.

@@ -29,9 +29,6 @@ from segvit_jax.models import atm
 from segvit_jax.models import segvit
 import segvit_reference as ref
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('parity')
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 IMG = 64
@@ -68,7 +65,7 @@ def run_cli(*args, check=True):
   return proc
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def converted(tmp_path_factory):
   """variant -> (reference model, converted model, variables, config); converted once each."""
   cache = {}

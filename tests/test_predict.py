@@ -21,9 +21,6 @@ from segvit_jax import predict
 from segvit_jax import visualize
 from segvit_jax.models import segvit
 
-# Module-scoped fixtures: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('predict')
-
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:
@@ -82,7 +79,7 @@ def _image(rng, h, w):
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def setup(tmp_path_factory):
   base = tmp_path_factory.mktemp('predict')
   config = tiny_config()
@@ -102,7 +99,7 @@ def setup(tmp_path_factory):
           'config': config, 'base': base}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def predictor(setup):
   return predict.load(setup['ckpt'])
 

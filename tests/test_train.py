@@ -23,9 +23,6 @@ from segvit_jax import checkpoint
 from segvit_jax import losses
 from segvit_jax import train
 
-# The fixtures' runs are shared: these tests run on one pytest-xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group('train')
-
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
 except ImportError:
@@ -61,8 +58,8 @@ def _signal_at(workdir, step, signum):
   return proc.returncode, out
 
 
-# Session scope: under --dist loadgroup the worker may run other modules' tests between this
-# module's, and a module-scoped fixture would be set up again after each switch.
+# Session scope: a pytest-xdist worker may run other modules' tests between this module's, and a
+# module-scoped fixture would be set up again after each switch.
 @pytest.fixture(scope='session')
 def reference(tmp_path_factory):
   """An uninterrupted 6-step run, evaluated at the end, predictions drawn."""
@@ -252,7 +249,6 @@ def mesh_runs(tmp_path_factory):
   return runs
 
 
-@pytest.mark.xdist_group('meshes')  # its own fixture: free to run beside the rest
 def test_meshes_match_one_device_and_restore_onto_other_meshes(mesh_runs):
   ref = mesh_runs['1']
   assert sorted(ref) == [1, 2, 3, 4, 5]
