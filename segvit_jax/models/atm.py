@@ -42,7 +42,9 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, t, memory, deterministic: bool):
     d = t.shape[-1]
-    dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
+    def dropout(y):
+      return layers.dropout(self, y, self.dropout_rate, deterministic)
+
     attended, _ = layers.Attention(
         self.num_heads, self.dropout_rate, kernel_init=in_proj_init, attention=self.attention,
         dtype=self.dtype, name='self_attn')(t, t, deterministic)
