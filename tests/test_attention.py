@@ -83,30 +83,6 @@ def test_per_head_implementation_loops_only_over_large_maps(monkeypatch):
 # TPU: the Pallas kernel, in interpret mode on this CPU.
 
 
-class _Dropout(nn.Module):
-  @nn.compact
-  def __call__(self, x, deterministic):
-    return layers.dropout(self, x, RATE, deterministic)
-
-
-def test_dropout_layer_drops_by_the_hash_of_each_examples_positions(monkeypatch):
-  x = jax.random.normal(jax.random.key(0), (8, 6, 5, 16)) + 10.0  # no zeros of its own
-  seeds = np.array([[7], [-3], [2**31 - 1], [0], [11], [12], [13], [14]], np.int32)
-  monkeypatch.setattr(attention, 'dropout_seeds', lambda key, b, h: jnp.asarray(seeds[:b]))
-  y = np.asarray(_Dropout().apply({}, x, False, rngs={'dropout': jax.random.key(1)}))
-  for b in range(8):  # the positions (6 x 5 flattened) are the rows, the channels the columns
-    keep = numpy_keep_mask(int(seeds[b, 0]), 30, 16, 16, RATE).reshape(6, 5, 16)
-    np.testing.assert_allclose(y[b], np.where(keep, np.asarray(x[b]) / (1 - RATE), 0),
-                               rtol=1e-6)
-  np.testing.assert_array_equal(_Dropout().apply({}, x, True), x)
-  # Split over 8 devices along the batch or along the channels: the same elements dropped.
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('d',))
-  for spec in (P('d'), P(None, None, None, 'd')):
-    f = jax.jit(lambda x: _Dropout().apply({}, x, False, rngs={'dropout': jax.random.key(1)}),
-                in_shardings=NamedSharding(mesh, spec))
-    np.testing.assert_array_equal(np.asarray(f(x)), y)
-
-
 @pytest.mark.parametrize('nq,nk,dtype,atol,grad_atol', [
     (130, 130, jnp.float32, 1e-5, 1e-5),  # self-attention, both sides padded to 256
     (40, 130, jnp.bfloat16, 4e-2, 4e-2),  # QD-like: fewer queries than keys, bfloat16
