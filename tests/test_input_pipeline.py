@@ -7,13 +7,13 @@ dataset sources do.
 """
 
 import os
-import subprocess
-import sys
-import textwrap
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -299,45 +299,30 @@ def test_eval_too_large_fails_naming_the_file():
 
 
 # ---------------------------------------------------------------------------------------------
-# Global arrays on a simulated 8-device CPU (a subprocess: the device count is fixed at JAX start).
-
-_GLOBAL_SCRIPT = textwrap.dedent('''
-    import numpy as np, jax, tensorflow as tf
-    from jax.sharding import Mesh, PartitionSpec as P
-    from segvit_jax import input_pipeline
-    assert jax.device_count() == 8, jax.devices()
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2, 1), ('data', 'fsdp', 'model'))
-    host = {'image': np.arange(8 * 4 * 4 * 3, dtype=np.float32).reshape(8, 4, 4, 3),
-            'label': np.arange(8 * 16, dtype=np.int32).reshape(8, 4, 4),
-            'valid': np.array([True] * 7 + [False]), 'file_name': np.array([b'a'] * 8)}
-    out = input_pipeline.make_global_batch(host, mesh)
-    assert sorted(out) == ['image', 'label', 'valid'], sorted(out)
-    for key, value in out.items():
-      assert isinstance(value, jax.Array) and value.shape == host[key].shape
-      assert value.sharding.spec == P(('data', 'fsdp')), value.sharding.spec
-      np.testing.assert_array_equal(np.asarray(value), host[key])
-      shards = value.addressable_shards
-      assert len(shards) == 8 and all(s.data.shape[0] == 1 for s in shards)
-      for s in shards:  # device (i, j) of the (data, fsdp) grid holds batch row 2 i + j
-        np.testing.assert_array_equal(np.asarray(s.data), host[key][s.index])
-    # A mesh without 'fsdp': the batch is split over 'data' only.
-    mesh2 = Mesh(np.array(jax.devices()).reshape(8, 1), ('data', 'model'))
-    assert input_pipeline.batch_sharding(mesh2).spec == P(('data',))
-    ds = tf.data.Dataset.range(3).map(lambda i: {'x': tf.fill([8, 2], tf.cast(i, tf.float32))})
-    got = [np.asarray(b['x'])[:, 0].tolist() for b in input_pipeline.global_batches(ds, mesh)]
-    assert got == [[float(i)] * 8 for i in range(3)], got
-    print('GLOBAL_OK')
-''')
+# Global arrays on the test process's 8 simulated CPU devices (tests/conftest.py).
 
 
 def test_global_batch_on_simulated_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  result = subprocess.run([sys.executable, '-c', _GLOBAL_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=root)
-  assert result.returncode == 0 and 'GLOBAL_OK' in result.stdout, result.stderr[-3000:]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ('data', 'fsdp', 'model'))
+  host = {'image': np.arange(8 * 4 * 4 * 3, dtype=np.float32).reshape(8, 4, 4, 3),
+          'label': np.arange(8 * 16, dtype=np.int32).reshape(8, 4, 4),
+          'valid': np.array([True] * 7 + [False]), 'file_name': np.array([b'a'] * 8)}
+  out = input_pipeline.make_global_batch(host, mesh)
+  assert sorted(out) == ['image', 'label', 'valid'], sorted(out)
+  for key, value in out.items():
+    assert isinstance(value, jax.Array) and value.shape == host[key].shape
+    assert value.sharding.spec == P(('data', 'fsdp')), value.sharding.spec
+    np.testing.assert_array_equal(np.asarray(value), host[key])
+    shards = value.addressable_shards
+    assert len(shards) == 8 and all(s.data.shape[0] == 1 for s in shards)
+    for s in shards:  # device (i, j) of the (data, fsdp) grid holds batch row 2 i + j
+      np.testing.assert_array_equal(np.asarray(s.data), host[key][s.index])
+  # A mesh without 'fsdp': the batch is split over 'data' only.
+  mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ('data', 'model'))
+  assert input_pipeline.batch_sharding(mesh2).spec == P(('data',))
+  ds = tf.data.Dataset.range(3).map(lambda i: {'x': tf.fill([8, 2], tf.cast(i, tf.float32))})
+  got = [np.asarray(b['x'])[:, 0].tolist() for b in input_pipeline.global_batches(ds, mesh)]
+  assert got == [[float(i)] * 8 for i in range(3)], got
 
 
 # ---------------------------------------------------------------------------------------------
