@@ -2,7 +2,6 @@
 
 (The Pallas kernel inside the compiled TPU programs: tests/test_compile.py.)"""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -144,26 +143,21 @@ def test_dropout_keep_mask_is_the_hash_and_keeps_one_minus_rate():
   assert abs((masks[0] == masks[1]).mean() - 0.82) < 0.01
 
 
-class _Dropout(nn.Module):
-  @nn.compact
-  def __call__(self, x, deterministic):
-    return layers.dropout(self, x, RATE, deterministic)
-
-
 def test_dropout_layer_drops_by_the_hash_of_each_examples_positions(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (8, 6, 5, 16)) + 10.0  # no zeros of its own
   seeds = np.array([[7], [-3], [2**31 - 1], [0], [11], [12], [13], [14]], np.int32)
   monkeypatch.setattr(attention, 'dropout_seeds', lambda key, b, h: jnp.asarray(seeds[:b]))
-  y = np.asarray(_Dropout().apply({}, x, False, rngs={'dropout': jax.random.key(1)}))
+  y = np.asarray(layers.Dropout(RATE).apply({}, x, False, rngs={'dropout': jax.random.key(1)}))
   for b in range(8):  # the positions (6 x 5 flattened) are the rows, the channels the columns
     keep = numpy_keep_mask(int(seeds[b, 0]), 30, 16, 16, RATE).reshape(6, 5, 16)
     np.testing.assert_allclose(y[b], np.where(keep, np.asarray(x[b]) / (1 - RATE), 0),
                                rtol=1e-6)
-  np.testing.assert_array_equal(_Dropout().apply({}, x, True), x)
+  np.testing.assert_array_equal(layers.Dropout(RATE).apply({}, x, True), x)
   # Split over 8 devices along the batch or along the channels: the same elements dropped.
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('d',))
   for spec in (P('d'), P(None, None, None, 'd')):
-    f = jax.jit(lambda x: _Dropout().apply({}, x, False, rngs={'dropout': jax.random.key(1)}),
+    f = jax.jit(lambda x: layers.Dropout(RATE).apply({}, x, False,
+                                                     rngs={'dropout': jax.random.key(1)}),
                 in_shardings=NamedSharding(mesh, spec))
     np.testing.assert_array_equal(np.asarray(f(x)), y)
 

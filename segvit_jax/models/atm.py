@@ -7,6 +7,7 @@ Outputs of every head here: a tuple of (class_logits (B, K, K+1), mask_logits (B
 one per prediction in order (the last is the final prediction, the others are auxiliary).
 """
 
+import functools
 import re
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
@@ -42,9 +43,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, t, memory, deterministic: bool):
     d = t.shape[-1]
-    def dropout(y):
-      return layers.dropout(self, y, self.dropout_rate, deterministic)
-
+    dropout = functools.partial(layers.Dropout(self.dropout_rate), deterministic=deterministic)
     attended, _ = layers.Attention(
         self.num_heads, self.dropout_rate, kernel_init=in_proj_init, attention=self.attention,
         dtype=self.dtype, name='self_attn')(t, t, deterministic)

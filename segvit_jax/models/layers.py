@@ -95,7 +95,7 @@ class Attention(nn.Module):
       # written and read back, 4 (B, H, Nq, Nk) arrays per layer.
       attend = functools.partial(_dropout_attention, scale=scale, dtype=self.dtype)
       out = nn.remat(attend, prevent_cse=False)(
-          nn.Dropout(self.dropout_rate, deterministic=False), q, k, v)
+          Dropout(self.dropout_rate), q, k, v)
     else:
       out = attention_lib.attend(q * jnp.asarray(scale, q.dtype), k, v, self.attention)
     out = nn.DenseGeneral(
@@ -116,29 +116,33 @@ def _dropout_attention(dropout: nn.Module, q, k, v, *, scale: float, dtype) -> j
   """softmax(q k^T * scale) with dropout on the weights, times v: (B, Nq, H, hd)."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', dropout(weights), v)
+  return jnp.einsum('bhqk,bkhd->bqhd', dropout(weights, deterministic=False), v)
 
 
-def dropout(module: nn.Module, x: jnp.ndarray, rate: float, deterministic: bool) -> jnp.ndarray:
+class Dropout(nn.Module):
   """Inverted dropout of x (B, ..., C), as `nn.Dropout` computes it (x / (1 - rate) where kept),
   with a counter-based mask: `tpu_dropout_attention.keep_mask` of each element's (position, channel)
-  under a per-example seed from the rng stream 'dropout'.
+  under a per-example seed from the rng stream 'dropout' (a new one at every call).
 
   Why not `nn.Dropout`: its threefry bits cost ~100 integer ops per element, fused into the
   residual and LayerNorm fusions around them; for the 1600-query decoders of SegViT-Shrunk those
   fusions took XLA:TPU about a minute of compile time each. The hash is 8 ops. The mask of an
   element depends only on its global index, so it is the same under any sharding.
   """
-  if deterministic or rate == 0.0:
-    return x
-  b, c = x.shape[0], x.shape[-1]
-  flat = x.reshape(b, -1, c)
-  seeds = attention_lib.dropout_seeds(module.make_rng('dropout'), b, 1)[:, :, None]  # (B, 1, 1)
-  rows = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
-  cols = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 2)
-  keep = tpu_dropout_attention.keep_mask(seeds, rows, cols, c, rate)
-  kept = jnp.where(keep, flat / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(flat))
-  return kept.reshape(x.shape)
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    if deterministic or self.rate == 0.0:
+      return x
+    b, c = x.shape[0], x.shape[-1]
+    flat = x.reshape(b, -1, c)
+    seeds = attention_lib.dropout_seeds(self.make_rng('dropout'), b, 1)[:, :, None]  # (B, 1, 1)
+    rows = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 2)
+    keep = tpu_dropout_attention.keep_mask(seeds, rows, cols, c, self.rate)
+    kept = jnp.where(keep, flat / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(flat))
+    return kept.reshape(x.shape)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate, deterministic: bool) -> jnp.ndarray:
