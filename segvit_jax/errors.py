@@ -12,3 +12,20 @@ It subclasses ValueError so that library callers that catch ValueError keep work
 
 class UserError(ValueError):
   """A mistake in the user's input; the message is one line that names it and the fix."""
+
+
+_TENSORFLOW_MODULES = ('tensorflow', 'tensorflow_datasets')
+
+
+def import_tensorflow_module(name: str, needed_for: str):
+  """Imports module `name` of the data layer (it imports TensorFlow / TFDS), or raises a
+  UserError naming `needed_for` and what to install when TensorFlow or TFDS is missing. Every
+  other import error is a bug and propagates."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.import_module(name)
+  except ModuleNotFoundError as e:
+    if (e.name or '').split('.')[0] not in _TENSORFLOW_MODULES:
+      raise
+    raise UserError(f'{needed_for} needs {e.name}, which is not installed: pip install '
+                    'tensorflow-cpu tensorflow-datasets') from e

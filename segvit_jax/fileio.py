@@ -16,8 +16,8 @@ def is_url(path: str) -> bool:
 
 
 def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
+  from segvit_jax import errors  # pylint: disable=g-import-not-at-top
+  return errors.import_tensorflow_module('tensorflow', 'A gs:// or other URL path').io.gfile
 
 
 def absolute(path: str) -> str:

@@ -1,6 +1,12 @@
-"""tf.data input pipelines: sources -> mmseg augmentation -> host batches -> global sharded arrays.
+"""Input pipelines: host batches of the configured source, and global arrays sharded over a mesh.
 
-Train (`create_train_dataset`): an infinite stream of host batches
+Two pipelines yield the same batches by the same rules:
+- `numpy_pipeline` for in-memory sources (`config.dataset.source='synthetic'`): numpy only, so the
+  demo, the benchmarks and GPU machines need no TensorFlow;
+- `tf_pipeline` (tf.data) for file sources ('tfds' builds, 'mmseg_folder'): needs TensorFlow.
+`create_train_dataset` / `create_eval_dataset` pick one by the source.
+
+Train: an infinite stream of host batches
   {'image': (b, Ch, Cw, 3) float32 normalised, 'label': (b, Ch, Cw) int32, 255 = ignore/padding}
 with b = config.batch_size // process_count. The global stream does not depend on the number of
 hosts: every host reads the whole split in the same order (each epoch shuffled with a seed derived
@@ -10,13 +16,11 @@ p of the global stream belongs to step p // batch_size and its augmentation is k
 (config.seed, p). So a run on 2 hosts trains on exactly the batches of a run on 1 host or 16, and a
 run restarted with `start_step=s` (on any number of hosts) yields exactly the batches an
 uninterrupted run yields from step s: whole epochs are skipped arithmetically, the rest of the
-epoch before the augmentation stage. The price is that every host reads (not decodes) every
-record; sources yield encoded image / label bytes where they can, decoded only after the shuffle,
-the skip and the host's selection (`decode_example`), so the shuffle buffer holds encoded examples.
+epoch before the augmentation stage.
 
-Eval (`create_eval_dataset`): finite, host batches of b = B // process_count, where B is
-config.eval.batch_size rounded up to a multiple of the mesh's batch shards (data x fsdp) and of the
-process count (`sharding.padded_batch_size`), so that any eval batch size works on any mesh:
+Eval: finite, host batches of b = B // process_count, where B is config.eval.batch_size rounded up
+to a multiple of the mesh's batch shards (data x fsdp) and of the process count
+(`sharding.padded_batch_size`), so that any eval batch size works on any mesh:
   {'image': (b, Hb, Wb, 3) float32, test-resized, normalised, 0-padded to dataset.eval_pad_size;
    'image_size': (b, 2) int32 resized (h, w); 'scaled_size': (b, len(config.eval.scales), 2) int32
    resized (h, w) at each test ratio; 'label': (b, Hl, Wl) int32 original resolution,
@@ -35,138 +39,89 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from segvit_jax import augment
-from segvit_jax import mmseg_rules
+from segvit_jax import errors
 from segvit_jax import sharding
 from segvit_jax.errors import UserError
 
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'validation'
-
-# source_fn(dataset_config, split, *, shard_index, num_shards) -> tf.data.Dataset of
-# {'image': uint8 (H, W, 3), 'label': uint8 (H, W), 'file_name': string}.
-SourceFn = Callable[..., tf.data.Dataset]
+IN_MEMORY_SOURCES = ('synthetic',)
 
 
-def _default_source_fn() -> SourceFn:
-  from segvit_jax import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.get_source
+def pipeline_for(config: ml_collections.ConfigDict,
+                 source_fn: Optional[Callable[..., Any]] = None):
+  """The module that reads config.dataset.source (`source_fn`: a tf.data source, tests)."""
+  source = config.dataset.source
+  if source_fn is None and source in IN_MEMORY_SOURCES:
+    from segvit_jax import numpy_pipeline  # pylint: disable=g-import-not-at-top
+    return numpy_pipeline
+  return errors.import_tensorflow_module(
+      'segvit_jax.tf_pipeline',
+      f"config.dataset.source={source!r} (read with tf.data; source 'synthetic' is not)")
+
+
+def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                         process_count: int, start_step: int = 0,
+                         source_fn: Optional[Callable[..., Any]] = None) -> Iterable[Any]:
+  """This host's infinite stream of training batches from global step `start_step` on.
+
+  Args:
+    config: the experiment config (uses seed, batch_size and dataset.*).
+    process_index, process_count: this host and the number of hosts (jax.process_index/count()).
+    start_step: the global step of the first batch (resuming from a checkpoint).
+    source_fn: a tf.data source replacing `segvit_jax.datasets.get_source` (tests, benchmarks).
+  """
+  kwargs = dict(process_index=process_index, process_count=process_count, start_step=start_step)
+  if source_fn is not None:
+    kwargs['source_fn'] = source_fn
+  return pipeline_for(config, source_fn).create_train_dataset(config, **kwargs)
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                        process_count: int, batch_shards: Optional[int] = None,
+                        source_fn: Optional[Callable[..., Any]] = None) -> Iterable[Any]:
+  """This host's finite eval batches; the same number of batches on every host.
+
+  `batch_shards`: data x fsdp of the mesh the batches go to (default: config.mesh over all
+  devices); the global batch is `eval_batch_size(config, process_count, batch_shards)`.
+  """
+  kwargs = dict(process_index=process_index, process_count=process_count,
+                batch_shards=batch_shards)
+  if source_fn is not None:
+    kwargs['source_fn'] = source_fn
+  return pipeline_for(config, source_fn).create_eval_dataset(config, **kwargs)
+
+
+def eval_shard_sizes(config: ml_collections.ConfigDict, process_count: int,
+                     source_fn: Optional[Callable[..., Any]] = None) -> list[int]:
+  """Examples each host evaluates (after config.eval.num_examples), host 0 first."""
+  pipeline = pipeline_for(config, source_fn)
+  if source_fn is not None:
+    return pipeline.eval_shard_sizes(config, process_count, source_fn)
+  return pipeline.eval_shard_sizes(config, process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: one rule for both pipelines.
 
 
 def host_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
   """global / process_count, with an error naming the config key when it does not divide."""
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise UserError(f'{what}={global_batch_size} must be a positive multiple of the number of '
-                     f'processes ({process_count}).')
+                    f'processes ({process_count}).')
   return global_batch_size // process_count
 
 
-def _num_examples(source: tf.data.Dataset, what: str) -> int:
-  """The number of examples of a finite source (counting them only if tf.data does not know)."""
-  n = int(source.cardinality())
-  if n == tf.data.INFINITE_CARDINALITY:
-    raise ValueError(f'The {what} source is infinite; sources must yield each example once.')
-  if n < 0:  # unknown: count (reads the whole shard once)
-    n = int(source.reduce(np.int64(0), lambda count, _: count + 1))
-  if n == 0:
-    raise ValueError(f'The {what} source is empty.')
-  return n
-
-
-def decode_example(example: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-  """(image (H, W, 3) uint8, label (H, W) uint8) of a source example.
-
-  A source may also yield encoded bytes (tf.string: JPEG / PNG image, single-channel PNG label
-  already in train ids): they are decoded here, after shuffling and skipping, which keeps the
-  shuffle buffer small and makes resuming cheap, by mmseg's decoders (`augment.decode_image` /
-  `decode_label`: the pixels OpenCV's IMREAD_COLOR gives, as in prediction).
-  """
-  image, label = example['image'], example['label']
-  if image.dtype == tf.string:
-    image = augment.decode_image(image)
-  if label.dtype == tf.string:
-    label = augment.decode_label(label)
-  return image, label
-
-
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.autotune.enabled = True
-  options.experimental_optimization.map_parallelization = True
-  options.threading.max_intra_op_parallelism = 1  # parallelism comes from the parallel map
-  return options
-
-
-def _epoch_seed(seed: int, epoch):
-  """int64 shuffle seed of one epoch, distinct for every (seed, epoch) with epoch < 2**32."""
-  return tf.constant((seed % 2**31) * 2**32, tf.int64) + tf.cast(epoch, tf.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Train.
-
-
-def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
-                         process_count: int, start_step: int = 0,
-                         source_fn: Optional[SourceFn] = None) -> tf.data.Dataset:
-  """Infinite dataset of this host's training batches from global step `start_step` on.
-
-  Args:
-    config: the experiment config (uses seed, batch_size and dataset.*).
-    process_index, process_count: this host and the number of hosts (jax.process_index/count()).
-    start_step: the global step of the first batch (resuming from a checkpoint).
-    source_fn: replaces `segvit_jax.datasets.get_source` (tests, benchmarks).
-  """
-  d = config.dataset
-  global_batch = int(config.batch_size)
-  local_batch = host_batch_size(global_batch, process_count, 'config.batch_size')
-  source_fn = source_fn or _default_source_fn()
-  source = source_fn(d, TRAIN_SPLIT, shard_index=0, num_shards=1)  # all of it, on every host
-  source = source.map(tf.autograph.experimental.do_not_convert(
-      lambda ex: {'image': ex['image'], 'label': ex['label']}))
-  num_examples = _num_examples(source, f'{d.name} {TRAIN_SPLIT}')
-
-  first_position = int(start_step) * global_batch  # in the global stream
-  first_epoch, skip = divmod(first_position, num_examples)
-  seed = int(config.seed)
-
-  def epoch(e):
-    if d.shuffle_buffer > 1:
-      return source.shuffle(d.shuffle_buffer, seed=_epoch_seed(seed, e),
-                            reshuffle_each_iteration=False)
-    return source
-
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  ds = ds.skip(skip).enumerate(start=first_position)
-  if process_count > 1:
-    mine = tf.autograph.experimental.do_not_convert(
-        lambda position, _: (position % global_batch) // local_batch == process_index)
-    ds = ds.filter(mine)
-
-  crop_size = tuple(d.crop_size)
-  kwargs = dict(crop_size=crop_size, img_scale=tuple(d.img_scale),
-                ratio_range=tuple(d.ratio_range), cat_max_ratio=float(d.cat_max_ratio),
-                flip_prob=float(d.flip_prob), photometric=bool(d.photometric),
-                mean=tuple(d.mean), std=tuple(d.std))
-
-  @tf.autograph.experimental.do_not_convert  # plain tf ops: skipping autograph halves tracing
-  def transform(position, example):
-    seed_pair = tf.stack([tf.constant(seed, tf.int64), position])
-    image, label = decode_example(example)
-    return augment.train_transform(image, label, seed_pair, **kwargs)
-
-  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(max(int(d.prefetch), 1))
-  return ds.with_options(_options())
-
-
-# ---------------------------------------------------------------------------------------------
-# Eval.
+def limit_eval_shards(sizes: Sequence[int], config: ml_collections.ConfigDict) -> list[int]:
+  """Per-host eval sizes after config.eval.num_examples (<= 0: all): about that many examples in
+  total, the first ceil(limit / hosts) of each host's shard."""
+  limit = int(config.eval.num_examples)
+  if limit <= 0:
+    return list(sizes)
+  return [min(s, math.ceil(limit / len(sizes))) for s in sizes]
 
 
 def eval_pad_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -183,73 +138,6 @@ def eval_pad_sizes(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], 
   return image, label
 
 
-def eval_transform(example: Mapping[str, tf.Tensor], *, img_scale: Sequence[int], min_size: int,
-                   mean: Sequence[float], std: Sequence[float], pad_size: Sequence[int],
-                   label_pad_size: Sequence[int],
-                   scales: Sequence[float] = (1.0,)) -> dict[str, tf.Tensor]:
-  """The test transform of one example, padded to the static buckets.
-
-  `scales` are the test-time ratios (`config.eval.scales`): 'scaled_size' holds the image's
-  test-resized (h, w) at each of them (mmseg's MultiScaleFlipAug + Resize, `mmseg_rules`'
-  float64 arithmetic), for multi-scale evaluation.
-
-  Fails (tf.errors.InvalidArgumentError when iterated) naming the file and the config key when the
-  resized image or the original label does not fit its bucket: never crops silently.
-  """
-  image, label = decode_example(example)
-  name = example['file_name']
-  resized, new_hw = augment.eval_resize(image, img_scale, min_size)
-  label_hw = tf.shape(label)[:2]
-  image_hw = tf.shape(image)[:2]
-  scaled = [augment.resized_size(image_hw, mmseg_rules.ratio_scale(img_scale, float(r)), min_size)
-            for r in scales]
-  checks = [
-      tf.debugging.Assert(
-          tf.reduce_all(new_hw <= tf.constant(pad_size, tf.int32)),
-          [f'Eval image too large for config.dataset.eval_pad_size={tuple(pad_size)}; raise '
-           'that bucket. File:', name, 'resized (h, w):', new_hw]),
-      tf.debugging.Assert(
-          tf.reduce_all(label_hw <= tf.constant(label_pad_size, tf.int32)),
-          [f'Eval label too large for config.dataset.eval_label_pad_size={tuple(label_pad_size)}; '
-           'raise that bucket. File:', name, '(h, w):', label_hw]),
-  ]
-  with tf.control_dependencies(checks):
-    image = mmseg_rules.normalize(resized, mean, std, xp=tf)
-    label = tf.cast(label, tf.int32)
-  return {
-      'image': augment.pad_bottom_right(image, pad_size, 0.0),
-      'image_size': new_hw,
-      'scaled_size': tf.reshape(tf.stack(scaled), [len(scales), 2]),
-      'label': augment.pad_bottom_right(label, label_pad_size, mmseg_rules.IGNORE_LABEL),
-      'label_size': tf.cast(label_hw, tf.int32),
-      'valid': tf.constant(True),
-  }
-
-
-def _padding_example(pad_size, label_pad_size, num_scales: int) -> dict[str, tf.Tensor]:
-  return {
-      'image': tf.zeros(list(pad_size) + [3], tf.float32),
-      'image_size': tf.zeros([2], tf.int32),
-      'scaled_size': tf.zeros([num_scales, 2], tf.int32),
-      'label': tf.fill(list(label_pad_size), tf.constant(mmseg_rules.IGNORE_LABEL, tf.int32)),
-      'label_size': tf.zeros([2], tf.int32),
-      'valid': tf.constant(False),
-  }
-
-
-def eval_shard_sizes(config: ml_collections.ConfigDict, process_count: int,
-                     source_fn: Optional[SourceFn] = None) -> list[int]:
-  """Examples each host evaluates (after config.eval.num_examples), host 0 first."""
-  source_fn = source_fn or _default_source_fn()
-  d = config.dataset
-  sizes = [_num_examples(source_fn(d, EVAL_SPLIT, shard_index=i, num_shards=process_count),
-                         f'{d.name} {EVAL_SPLIT} shard {i}') for i in range(process_count)]
-  limit = int(config.eval.num_examples)
-  if limit > 0:  # about `limit` examples in total: the first ceil(limit / hosts) of each shard
-    sizes = [min(s, math.ceil(limit / process_count)) for s in sizes]
-  return sizes
-
-
 def eval_batch_size(config: ml_collections.ConfigDict, process_count: int,
                     batch_shards: Optional[int] = None) -> int:
   """The global eval batch: config.eval.batch_size rounded up to the shards and processes.
@@ -259,39 +147,6 @@ def eval_batch_size(config: ml_collections.ConfigDict, process_count: int,
   if batch_shards is None:
     batch_shards = sharding.batch_shards(sharding.parse_mesh_spec(config.mesh, jax.device_count()))
   return sharding.padded_batch_size(int(config.eval.batch_size), batch_shards, process_count)
-
-
-def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int,
-                        process_count: int, batch_shards: Optional[int] = None,
-                        source_fn: Optional[SourceFn] = None) -> tf.data.Dataset:
-  """Finite dataset of this host's eval batches; the same number of batches on every host.
-
-  `batch_shards`: data x fsdp of the mesh the batches go to (default: config.mesh over all
-  devices); the global batch is `eval_batch_size(config, process_count, batch_shards)`.
-  """
-  d = config.dataset
-  global_batch = eval_batch_size(config, process_count, batch_shards)
-  local_batch = host_batch_size(global_batch, process_count, 'config.eval.batch_size')
-  pad_size, label_pad_size = eval_pad_sizes(config)
-  source_fn = source_fn or _default_source_fn()
-  sizes = eval_shard_sizes(config, process_count, source_fn)
-  num_batches = math.ceil(max(sizes) / local_batch)
-  mine = sizes[process_index]
-
-  source = source_fn(d, EVAL_SPLIT, shard_index=process_index, num_shards=process_count)
-  scales = tuple(float(r) for r in config.eval.scales)
-  kwargs = dict(img_scale=tuple(d.test_img_scale), min_size=int(d.test_min_size),
-                mean=tuple(d.mean), std=tuple(d.std), pad_size=pad_size,
-                label_pad_size=label_pad_size, scales=scales)
-  transform = tf.autograph.experimental.do_not_convert(lambda ex: eval_transform(ex, **kwargs))
-  ds = source.take(mine).map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.range(num_batches * local_batch - mine).map(
-      tf.autograph.experimental.do_not_convert(
-          lambda _: _padding_example(pad_size, label_pad_size, len(scales))))
-  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-  ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
-  ds = ds.prefetch(max(int(d.prefetch), 1))
-  return ds.with_options(_options())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,24 +166,23 @@ def make_global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
   The global batch is the concatenation of every process's rows in process order. Non-numeric
   entries (strings) are dropped: they cannot live on devices.
   """
-  sharding = batch_sharding(mesh, data_axes)
+  sharding_ = batch_sharding(mesh, data_axes)
   out = {}
   for key, value in host_batch.items():
     value = np.asarray(value)
     if value.dtype.kind not in 'biuf':
       continue
-    out[key] = jax.make_array_from_process_local_data(sharding, value)
+    out[key] = jax.make_array_from_process_local_data(sharding_, value)
   return out
 
 
-def global_batches(tf_dataset: Iterable[Any], mesh: Mesh,
+def global_batches(host_batches: Iterable[Any], mesh: Mesh,
                    data_axes: Sequence[str] = ('data', 'fsdp'),
                    prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Iterates a host-batch dataset as global arrays, keeping `prefetch` batches on device ahead."""
-  if isinstance(tf_dataset, tf.data.Dataset):
-    iterator = tf_dataset.as_numpy_iterator()
-  else:
-    iterator = iter(tf_dataset)
+  """Iterates host batches (a tf.data.Dataset or any iterable of numpy dicts) as global arrays,
+  keeping `prefetch` batches on device ahead."""
+  as_numpy = getattr(host_batches, 'as_numpy_iterator', None)  # tf.data
+  iterator = as_numpy() if as_numpy is not None else iter(host_batches)
   queue = collections.deque()
 
   def enqueue(n):

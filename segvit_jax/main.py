@@ -65,8 +65,8 @@ def _exit(code: int) -> None:
 
 
 def _start_jax(config) -> None:
-  """TensorFlow off the accelerators, jax.distributed joined, the config checked against the
-  devices and processes: all before anything is compiled."""
+  """jax.distributed joined, the config checked against the devices and processes: all before
+  anything is compiled."""
   import jax  # pylint: disable=g-import-not-at-top
   from segvit_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
@@ -78,8 +78,8 @@ def _start_jax(config) -> None:
         f'{jax.devices()[0].platform.upper()} devices.', flush=True)
   from segvit_jax import preflight  # pylint: disable=g-import-not-at-top
   preflight.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (seconds to import)
-  tf.config.set_visible_devices([], 'GPU')
+  from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.pipeline_for(config)  # a file source without TensorFlow: say so now
 
 
 def _run(config, workdir: str) -> dict:

@@ -28,7 +28,6 @@ import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
-from clu import metric_writers
 from clu import parameter_overview
 import flax
 import flax.linen as nn
@@ -48,6 +47,7 @@ from segvit_jax import losses
 from segvit_jax import optim
 from segvit_jax import preflight
 from segvit_jax import sharding
+from segvit_jax import tensorboard_events
 from segvit_jax.models import segvit
 
 PyTree = Any
@@ -232,7 +232,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     grads = constrain(constrain(grads, spec.model_params), spec.shardings.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, **terms, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
@@ -310,24 +310,28 @@ class JsonlFile:
 
 
 class MetricsWriter:
-  """TensorBoard events (clu's writers) and WORKDIR/metrics.jsonl, written by process 0; the
-  other processes only log."""
+  """WORKDIR/metrics.jsonl and TensorBoard events (where the tensorboard package is installed),
+  written by process 0; the other processes write nothing."""
 
   def __init__(self, workdir: str):
     main = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(workdir if main else None,
-                                                        just_logging=not main)
     self._jsonl = JsonlFile(os.path.join(workdir, 'metrics.jsonl')) if main else None
+    self._events = None
+    if main and tensorboard_events.available():
+      self._events = tensorboard_events.EventFile(workdir)
+    elif main:
+      console.say('TensorBoard events off (the tensorboard package is not installed); metrics '
+                  f'go to {os.path.join(workdir, "metrics.jsonl")}.')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    self._writer.write_scalars(step, scalars)
-    if self._jsonl is not None:
-      self._jsonl.write(step, scalars)
+    for out in (self._jsonl, self._events):
+      if out is not None:
+        out.write(step, scalars)
 
   def close(self) -> None:
-    self._writer.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
+    for out in (self._jsonl, self._events):
+      if out is not None:
+        out.close()
 
 
 def format_duration(seconds: float) -> str:

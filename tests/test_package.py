@@ -1,5 +1,5 @@
-"""The installable package: `pip install --no-deps --target DIR .` installs every file, with the
-pinned dependencies and extras of the requirements files, and from another directory, with only
+"""The installable package: `pip install --no-deps --target DIR .` installs every file, with
+dependency ranges that admit the lock of the requirements files, and from another directory, with only
 DIR on the path, the package imports, its configs ship, and its commands train and predict.
 
 The package is installed once per module (without build isolation: the venv's setuptools, no
@@ -26,8 +26,8 @@ import pytest
 from conftest import ROOT
 import tiny_runs
 
-# What the build reads: pyproject.toml, the README (long description), the requirements files
-# (dependencies and extras) and the two source folders.
+# What the build reads: pyproject.toml, the README (long description) and the two source folders
+# (the requirements files too: the tests compare them with the metadata).
 _BUILD_FILES = re.compile(r'pyproject\.toml|README\.md|requirements.*\.txt')
 _BUILD_DIRS = ('segvit_jax', 'configs')
 _IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc')
@@ -99,24 +99,61 @@ def test_every_file_of_the_package_and_the_configs_is_installed(installed, repo_
   assert 'ade20k_large.py' in os.listdir(os.path.join(package, 'configs'))
 
 
-def test_metadata_pins_what_the_requirements_files_pin(installed, repo_root):
+def _requires_dist(installed):
+  """{extra or None: [Requirement]} from the installed METADATA."""
   with open(os.path.join(installed.dist_info, 'METADATA'), encoding='utf-8') as f:
     requires = email.parser.Parser().parse(f).get_all('Requires-Dist')
   by_extra = {}
   for line in requires:
-    requirement, _, marker = line.partition(';')
-    extra = re.fullmatch(r'\s*extra == "(\w+)"\s*', marker) if marker else None
-    by_extra.setdefault(extra.group(1) if extra else None, []).append(requirement.strip())
-  files = {None: ['requirements.txt'], 'torch': ['requirements-torch.txt'],
-           'convert': ['requirements-torch.txt'], 'tpu': ['requirements-tpu.txt'],
-           'test': ['requirements-test.txt', 'requirements-torch.txt']}
-  assert set(by_extra) == set(files)
-  for extra, names in files.items():
-    pinned = [r for name in names for r in _requirements(os.path.join(repo_root, name))]
-    assert by_extra[extra] == pinned, extra
-    assert all(re.search(r'==', r) for r in pinned), pinned  # pins, not ranges
+    requirement = Requirement(line)
+    marker = str(requirement.marker or '')
+    extra = re.fullmatch(r'extra == "(\w+)"', marker)
+    requirement.marker = None
+    by_extra.setdefault(extra.group(1) if extra else None, []).append(requirement)
+  return by_extra
 
 
+def test_metadata_declares_ranges_that_admit_the_lock(installed, repo_root):
+  """The package declares version ranges (pip fits it into an existing environment), and every
+  exact pin of requirements*.txt (what `make` installs and the tests run on) lies in them."""
+  by_extra = _requires_dist(installed)
+  assert set(by_extra) == {None, 'torch', 'convert', 'tpu', 'test'}
+  declared = {r.name: r for requirements in by_extra.values() for r in requirements}
+  assert all(not any(s.operator == '==' for s in r.specifier) for r in declared.values())
+  assert {'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu',
+          'tensorflow-datasets'} <= {r.name for r in by_extra[None]}
+  checked = 0
+  for name in ('requirements.txt', 'requirements-torch.txt', 'requirements-test.txt'):
+    for line in _requirements(os.path.join(repo_root, name)):
+      pin = Requirement(line)
+      [spec] = pin.specifier
+      assert spec.operator == '==', line
+      if pin.name in declared:
+        assert declared[pin.name].specifier.contains(spec.version), (line, str(declared[pin.name]))
+        checked += 1
+  assert checked >= 15
+
+
+def test_pip_keeps_the_jax_an_environment_already_has(installed):
+  """`pip install .` where every dependency is installed already (here: the test environment,
+  whatever jax it has in the declared range) installs segvit_jax alone and changes nothing else.
+  Resolved offline (--no-index), as a dry run."""
+  src = os.path.join(os.path.dirname(installed.site), 'src')  # the fixture's copy of the sources
+  report = os.path.join(installed.elsewhere, 'report.json')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pip', 'install', '--dry-run', '--no-index', '--no-build-isolation',
+       '--report', report, '--quiet', src], cwd=installed.elsewhere,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(report, encoding='utf-8') as f:
+    to_install = [item['metadata']['name'] for item in json.load(f)['install']]
+  os.remove(report)
+  assert to_install == ['segvit_jax'], to_install
+  version = importlib.metadata.version('jax')
+  assert _requires_dist(installed)[None][0].specifier.contains(version)
+
+
+@pytest.mark.lock
 def test_libtpu_pin_is_one_the_pinned_jax_accepts(repo_root):
   """requirements-tpu.txt pins a libtpu that `jax[tpu]` of the installed (pinned) jax allows."""
   [tpu_extra] = [Requirement(r) for r in importlib.metadata.requires('jax')

@@ -1,19 +1,33 @@
 """Data sources of segvit_jax: TFDS builders, mmseg folders and a synthetic task.
 
-Importing this package registers the TFDS builders `ade20k`, `coco_stuff10k` and
-`pascal_context` (configs '59' and '60'). Build one with
+The TFDS builders `ade20k`, `coco_stuff10k` and `pascal_context` (configs '59' and '60') are
+registered when `segvit_jax.datasets.sources` (or the builder's module) is imported. Build one with
   python -m segvit_jax.datasets.prepare NAME --manual_dir=M --data_dir=D
-and read any source with `get_source(config.dataset, split, shard_index=, num_shards=)`.
+and read a file source with `get_source(config.dataset, split, shard_index=, num_shards=)`.
+
+Importing this package imports nothing else: TensorFlow and TFDS load with the modules that use
+them (`sources` and the builders), so the synthetic source and everything outside the data layer
+run without them. Its names resolve on first use.
 """
 
-from segvit_jax.datasets import ade20k  # registers 'ade20k'
-from segvit_jax.datasets import coco_stuff10k  # registers 'coco_stuff10k'
-from segvit_jax.datasets import pascal_context  # registers 'pascal_context/{59,60}'
-from segvit_jax.datasets.common import DatasetError
-from segvit_jax.datasets.sources import get_source
-from segvit_jax.datasets.sources import num_examples
-from segvit_jax.palettes import class_names
-from segvit_jax.palettes import palette
+import importlib
 
-__all__ = ['DatasetError', 'class_names', 'get_source', 'num_examples', 'palette',
-           'ade20k', 'coco_stuff10k', 'pascal_context']
+_NAMES = {
+    'DatasetError': 'segvit_jax.datasets.common',
+    'get_source': 'segvit_jax.datasets.sources',
+    'num_examples': 'segvit_jax.datasets.sources',
+    'class_names': 'segvit_jax.palettes',
+    'palette': 'segvit_jax.palettes',
+}
+_MODULES = ('ade20k', 'coco_stuff10k', 'pascal_context', 'common', 'mmseg_folder', 'prepare',
+            'sources', 'synthetic')
+
+__all__ = sorted(_NAMES) + list(_MODULES)
+
+
+def __getattr__(name: str):
+  if name in _NAMES:
+    return getattr(importlib.import_module(_NAMES[name]), name)
+  if name in _MODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

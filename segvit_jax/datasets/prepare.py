@@ -20,6 +20,7 @@ import sys
 import time
 
 from segvit_jax import cli
+from segvit_jax import errors
 
 NAMES = ('ade20k', 'coco_stuff10k', 'pascal_context', 'pascal_context/59',
          'pascal_context/60', 'mmseg_folder')
@@ -50,8 +51,8 @@ def _expand(path):
 def build(name: str, manual_dir: str | None, data_dir: str | None,
           overwrite: bool = False, log=print) -> dict[str, dict[str, int]]:
   """Prepares `name` (all configs for 'pascal_context'); returns {full name: split counts}."""
-  import tensorflow_datasets as tfds
-  import segvit_jax.datasets  # noqa: F401  (registers the builders)
+  tfds = errors.import_tensorflow_module('tensorflow_datasets', f'Building {name}')
+  from segvit_jax.datasets import sources  # noqa: F401  (registers the builders)
 
   names = ['pascal_context/60', 'pascal_context/59'] if name == 'pascal_context' else [name]
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
@@ -77,13 +78,14 @@ def main(argv=None) -> int:
   from segvit_jax.datasets import common  # pylint: disable=g-import-not-at-top
   try:
     if args.name == 'mmseg_folder':
-      from segvit_jax.datasets import mmseg_folder  # pylint: disable=g-import-not-at-top
+      mmseg_folder = errors.import_tensorflow_module('segvit_jax.datasets.mmseg_folder',
+                                                     'Checking an mmseg folder')
       if not args.folder or args.num_classes is None:
         raise common.DatasetError('mmseg_folder needs --folder=PATH and --num_classes=K.')
       mmseg_folder.validate(_expand(args.folder), args.num_classes, args.reduce_zero_label)
     else:
       build(args.name, _expand(args.manual_dir), _expand(args.data_dir), args.overwrite)
-  except common.DatasetError as e:
+  except errors.UserError as e:  # a DatasetError too
     cli.print_error(str(e))
     return 1
   return 0

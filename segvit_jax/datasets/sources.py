@@ -16,8 +16,12 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+# The builders register their TFDS names on import.
+from segvit_jax.datasets import ade20k  # noqa: F401  # pylint: disable=unused-import
+from segvit_jax.datasets import coco_stuff10k  # noqa: F401  # pylint: disable=unused-import
 from segvit_jax.datasets import common
 from segvit_jax.datasets import mmseg_folder
+from segvit_jax.datasets import pascal_context  # noqa: F401  # pylint: disable=unused-import
 from segvit_jax.datasets import synthetic
 
 _PREPARE_NAMES = {'ade20k': 'ade20k', 'coco_stuff10k': 'coco_stuff10k',
