@@ -32,22 +32,12 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 
 from segvit_jax import mmseg_rules
+# The draw's constants and slot layout live in mmseg_rules (TF-free), shared with
+# `numpy_pipeline`; they stay importable from here.
+from segvit_jax.mmseg_rules import (  # noqa: F401  # pylint: disable=unused-import
+    BRIGHTNESS_DELTA, CONTRAST_RANGE, CROP_TRIES, HUE_DELTA, NUM_UNIFORMS, SATURATION_RANGE)
 
-# mmseg PhotoMetricDistortion defaults (every released SegViT config uses them).
-BRIGHTNESS_DELTA = 32
-CONTRAST_RANGE = (0.5, 1.5)
-SATURATION_RANGE = (0.5, 1.5)
-HUE_DELTA = 18  # OpenCV 8-bit hue units (180 = a full turn); randint(-18, 18) is in [-18, 17]
-
-# mmseg RandomCrop: 10 checked candidates; after 10 rejections an 11th one is used unchecked.
-CROP_TRIES = 10
-
-# Slots of the per-example uniform draw (one stateless call per example).
-_RATIO, _FLIP = 0, 1
-_BRIGHT_ON, _BRIGHT, _MODE, _CONTRAST_ON, _CONTRAST = 2, 3, 4, 5, 6
-_SAT_ON, _SAT, _HUE_ON, _HUE = 7, 8, 9, 10
-_CROP = 11  # 2 * (CROP_TRIES + 1) slots: (y, x) per candidate
-NUM_UNIFORMS = _CROP + 2 * (CROP_TRIES + 1)
+_RATIO, _FLIP, _CROP = mmseg_rules.SLOT_RATIO, mmseg_rules.SLOT_FLIP, mmseg_rules.SLOT_CROP
 
 
 def example_uniforms(seed) -> tf.Tensor:
@@ -140,11 +130,9 @@ def decode_label(data) -> tf.Tensor:
 def sample_scale(u, img_scale: Sequence[int], ratio_range: Sequence[float]) -> tf.Tensor:
   """mmseg `random_sample_ratio`: (int(img_scale[0] * r), int(img_scale[1] * r)), float64 (2,).
 
-  `u` is a uniform [0, 1) draw; r = u * (max - min) + min.
+  `u` is a uniform [0, 1) draw; r = u * (max - min) + min (`mmseg_rules.random_scale`).
   """
-  lo, hi = float(ratio_range[0]), float(ratio_range[1])
-  ratio = tf.cast(u, tf.float64) * (hi - lo) + lo
-  return tf.stack(mmseg_rules.ratio_scale(img_scale, ratio, xp=tf))
+  return tf.stack(mmseg_rules.random_scale(u, img_scale, ratio_range, xp=tf))
 
 
 def resized_size(hw, scale, min_size: int = 0) -> tf.Tensor:
@@ -198,7 +186,7 @@ def resize_window_nearest(label, new_hw, rows, cols) -> tf.Tensor:
 
 def round_pixels(x) -> tf.Tensor:
   """Round half up and clip to [0, 255], as OpenCV's saturate_cast to uint8 does; stays float32."""
-  return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+  return mmseg_rules.round_pixels(x, xp=tf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,17 +198,12 @@ def crop_accepted(label_crop, cat_max_ratio: float, ignore_index: int = mmseg_ru
   counts = tf.math.bincount(tf.cast(tf.reshape(label_crop, [-1]), tf.int32),
                             minlength=256, maxlength=256, dtype=tf.int64)
   counts = counts * tf.cast(tf.range(256) != ignore_index, tf.int64)
-  present = tf.math.count_nonzero(counts)
-  total = tf.reduce_sum(counts)
-  ratio = tf.cast(tf.reduce_max(counts), tf.float64) / tf.cast(tf.maximum(total, 1), tf.float64)
-  return tf.logical_and(present > 1, ratio < cat_max_ratio)
+  return mmseg_rules.crop_accepted(counts, cat_max_ratio, xp=tf)
 
 
 def crop_offsets(u, new_hw, crop_hw: Sequence[int]) -> tf.Tensor:
   """(n, 2) int32 crop offsets from (n, 2) uniforms: randint(0, max(size - crop, 0) + 1)."""
-  margin = tf.maximum(new_hw - tf.constant(crop_hw, tf.int32), 0)
-  off = tf.floor(tf.cast(u, tf.float64) * tf.cast(margin + 1, tf.float64)[None])
-  return tf.minimum(tf.cast(off, tf.int32), margin[None])
+  return mmseg_rules.crop_offsets(u, new_hw, crop_hw, xp=tf)
 
 
 def choose_crop(label, new_hw, crop_hw: Sequence[int], offsets, cat_max_ratio: float):
@@ -271,28 +254,7 @@ def choose_crop(label, new_hw, crop_hw: Sequence[int], offsets, cat_max_ratio: f
 
 def photometric_params(u) -> dict[str, tf.Tensor]:
   """mmseg PhotoMetricDistortion draws from the example's uniforms (each step with p = 0.5)."""
-  u = tf.cast(u, tf.float64)
-
-  def between(x, lo, hi):
-    return tf.cast(x * (hi - lo) + lo, tf.float32)
-
-  return {
-      'brightness_on': u[_BRIGHT_ON] < 0.5,
-      'brightness': between(u[_BRIGHT], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA),
-      'contrast_first': u[_MODE] < 0.5,  # mmseg mode == 1
-      'contrast_on': u[_CONTRAST_ON] < 0.5,
-      'contrast': between(u[_CONTRAST], *CONTRAST_RANGE),
-      'saturation_on': u[_SAT_ON] < 0.5,
-      'saturation': between(u[_SAT], *SATURATION_RANGE),
-      'hue_on': u[_HUE_ON] < 0.5,
-      # randint(-18, 18): integers in [-18, 17].
-      'hue': tf.cast(tf.floor(u[_HUE] * (2 * HUE_DELTA)) - HUE_DELTA, tf.float32),
-  }
-
-
-def _convert(x, alpha=1.0, beta=0.0):
-  # mmseg `convert`: float32 x * alpha + beta, clip to [0, 255], astype(uint8) (truncation).
-  return tf.floor(tf.clip_by_value(x * alpha + beta, 0.0, 255.0))
+  return mmseg_rules.photometric_params(u, xp=tf)
 
 
 def photometric_distortion(image, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -307,9 +269,11 @@ def photometric_distortion(image, params: Mapping[str, tf.Tensor]) -> tf.Tensor:
     return tf.cond(flag, lambda: fn(x), lambda: x)
 
   def contrast(x):
-    return maybe(p['contrast_on'], lambda y: _convert(y, alpha=p['contrast']), x)
+    return maybe(p['contrast_on'],
+                 lambda y: mmseg_rules.convert_pixels(y, alpha=p['contrast'], xp=tf), x)
 
-  x = maybe(p['brightness_on'], lambda y: _convert(y, beta=p['brightness']), image)
+  x = maybe(p['brightness_on'],
+            lambda y: mmseg_rules.convert_pixels(y, beta=p['brightness'], xp=tf), image)
   x = maybe(p['contrast_first'], contrast, x)
   x = maybe(p['saturation_on'],
             lambda y: round_pixels(tf.image.adjust_saturation(y, p['saturation'])), x)

@@ -1,8 +1,9 @@
 """mmseg 0.24's image rules as mmcv and OpenCV compute them: decoding, test-resize sizes, bilinear
 and nearest resize, normalisation, the ignore label. One definition of each, TF-free.
 
-Training and evaluation (tf.data graphs, through `augment`) and prediction (numpy on the host) all
-call these functions, so every pixel the model sees is the pixel mmseg would feed it:
+Training and evaluation (tf.data graphs through `augment`, or numpy in `numpy_pipeline`) and
+prediction (numpy on the host) all call these functions, so every pixel the model sees is the
+pixel mmseg would feed it:
 
 - `decode_image`: mmseg's `LoadImageFromFile` (`mmcv.imfrombytes(flag='color', backend='cv2')`,
   i.e. `cv2.imdecode(IMREAD_COLOR)`, then BGR -> RGB as `Normalize(to_rgb=True)` does), written
@@ -17,12 +18,19 @@ call these functions, so every pixel the model sees is the pixel mmseg would fee
 - `linear_taps` + `linear_rows` / `linear_columns`: `cv2.resize(INTER_LINEAR)` of uint8 images,
   bit for bit: float32 source coordinates, 11-bit fixed-point weights and OpenCV's integer
   vertical pass with its truncating shifts (`VResizeLinearVec_32s8u`). `resize_linear` applies
-  them to a whole numpy image; `augment.resize_window_linear` to a window inside a tf.data graph.
+  them to a whole numpy image, `resize_linear_window` to a window of it (`numpy_pipeline`'s
+  crops); `augment.resize_window_linear` to a window inside a tf.data graph.
 - `nearest_source_index`: `cv2.resize(INTER_NEAREST)` (labels).
 - `normalize`: `mmcv.imnormalize`, with its float32 subtraction and float64 product.
+- The train transform's random draws (one float64 vector of NUM_UNIFORMS uniforms per example, in
+  the SLOT_* layout) and the rules that read them: `random_scale` (Resize(ratio_range)),
+  `crop_offsets` / `crop_accepted` (RandomCrop), `photometric_params`, `convert_pixels` and
+  `round_pixels` (PhotoMetricDistortion). `augment` (tf.data) and `numpy_pipeline` both apply
+  them, so the two pipelines transform an example alike given the same uniforms.
 
 The size and index arithmetic takes an array namespace `xp`: `numpy` on the host, `tensorflow`
-inside tf.data graphs (traced sizes). Only functions both spell alike are used, plus `_cast`.
+inside tf.data graphs (traced sizes). Only functions both spell alike are used, plus `_cast` and
+`_reduce`.
 """
 
 import io
@@ -235,27 +243,43 @@ def linear_rows(top, bottom, w_top, w_bottom, xp=np):
   return _shift_right(total + 2, 2, xp)
 
 
+def resize_linear_window(image: np.ndarray, size: Tuple[int, int], rows: np.ndarray,
+                         cols: np.ndarray) -> np.ndarray:
+  """Pixels (rows x cols) of `cv2.resize(image, (w, h), interpolation=INTER_LINEAR)`, bit for bit.
+
+  Args:
+    image: (H, W[, C]) uint8.
+    size: the resized (h, w).
+    rows, cols: int vectors of output positions in the resized image, in any order (a reversed
+      `cols` gives the horizontally flipped window).
+  Returns:
+    (len(rows), len(cols)[, C]) int32 holding OpenCV's uint8 values. Only the source rows the
+    window needs are interpolated along x.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'resize_linear: expected uint8, got {image.dtype}.')
+  rows, cols = np.asarray(rows), np.asarray(cols)
+  r_lo, r_hi, r_wlo, r_whi = linear_taps(rows, image.shape[0], int(size[0]), horizontal=False)
+  c_lo, c_hi, c_wlo, c_whi = linear_taps(cols, image.shape[1], int(size[1]), horizontal=True)
+  n = len(rows)
+  source_rows, where = np.unique(np.concatenate([r_lo, r_hi]), return_inverse=True)
+  src = image[source_rows].astype(np.int32)
+  extra = (slice(None),) + (None,) * (image.ndim - 2)
+  sums = linear_columns(src[:, c_lo], src[:, c_hi], c_wlo[extra], c_whi[extra])
+  top, bottom = sums[where[:n]], sums[where[n:]]
+  return linear_rows(top, bottom, r_wlo[(slice(None), None) + extra[1:]],
+                     r_whi[(slice(None), None) + extra[1:]])
+
+
 def resize_linear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """(h, w[, C]) uint8 `cv2.resize(image, (w, h), interpolation=INTER_LINEAR)` of (H, W[, C]) uint8.
 
   Only the source rows the output needs are interpolated along x.
   """
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f'resize_linear: expected uint8, got {image.dtype}.')
   out_h, out_w = int(size[0]), int(size[1])
-  r_lo, r_hi, r_wlo, r_whi = linear_taps(np.arange(out_h), image.shape[0], out_h,
-                                         horizontal=False)
-  c_lo, c_hi, c_wlo, c_whi = linear_taps(np.arange(out_w), image.shape[1], out_w,
-                                         horizontal=True)
-  rows, where = np.unique(np.concatenate([r_lo, r_hi]), return_inverse=True)
-  src = image[rows].astype(np.int32)
-  extra = (slice(None),) + (None,) * (image.ndim - 2)
-  sums = linear_columns(src[:, c_lo], src[:, c_hi], c_wlo[extra], c_whi[extra])
-  top, bottom = sums[where[:out_h]], sums[where[out_h:]]
-  out = linear_rows(top, bottom, r_wlo[(slice(None), None) + extra[1:]],
-                    r_whi[(slice(None), None) + extra[1:]])
-  return out.astype(np.uint8)
+  return resize_linear_window(image, (out_h, out_w), np.arange(out_h),
+                              np.arange(out_w)).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,3 +299,100 @@ def normalize(image, mean: Sequence[float], std: Sequence[float], xp=np):
     # Scalars: much cheaper than a (3,) broadcast in TF; the same values.
     mean32, inv_std = float(mean32[0]), float(inv_std[0])
   return _cast(_cast(image - mean32, xp.float64, xp) * inv_std, xp.float32, xp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train transform's random draws (mmseg Resize(ratio_range), RandomCrop, RandomFlip and
+# PhotoMetricDistortion in mmseg/datasets/pipelines/transforms.py): every random number of one
+# example sits in one float64 vector of NUM_UNIFORMS uniforms in [0, 1), read by the rules below
+# in `augment` (tf.data, xp=tf) and `numpy_pipeline` (xp=np) alike.
+
+# mmseg PhotoMetricDistortion defaults (every released SegViT config uses them).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # OpenCV 8-bit hue units (180 = a full turn); randint(-18, 18) is in [-18, 17]
+
+# mmseg RandomCrop: 10 checked candidates; after 10 rejections an 11th one is used unchecked.
+CROP_TRIES = 10
+
+# Slots of the per-example uniform vector.
+SLOT_RATIO, SLOT_FLIP = 0, 1
+SLOT_BRIGHT_ON, SLOT_BRIGHT, SLOT_MODE, SLOT_CONTRAST_ON, SLOT_CONTRAST = 2, 3, 4, 5, 6
+SLOT_SAT_ON, SLOT_SAT, SLOT_HUE_ON, SLOT_HUE = 7, 8, 9, 10
+SLOT_CROP = 11  # 2 * (CROP_TRIES + 1) slots: (y, x) per candidate
+NUM_UNIFORMS = SLOT_CROP + 2 * (CROP_TRIES + 1)
+
+
+def _reduce(xp, name: str):
+  # numpy's sum / max are tensorflow's reduce_sum / reduce_max.
+  return getattr(xp, f'reduce_{name}', None) or getattr(xp, name)
+
+
+def random_scale(u, img_scale: Sequence[Any], ratio_range: Sequence[float],
+                 xp=np) -> Tuple[Any, Any]:
+  """mmseg Resize `random_sample_ratio`: `ratio_scale(img_scale, r)`, r = u * (max - min) + min.
+
+  `u`: the uniform of slot SLOT_RATIO. Returns float64 bounds, as `ratio_scale`.
+  """
+  lo, hi = float(ratio_range[0]), float(ratio_range[1])
+  return ratio_scale(img_scale, _cast(u, xp.float64, xp) * (hi - lo) + lo, xp)
+
+
+def crop_offsets(u, new_hw: Sequence[Any], crop_hw: Sequence[int], xp=np):
+  """mmseg RandomCrop `get_crop_bbox` of each candidate: (n, 2) int32 (y0, x0) offsets.
+
+  randint(0, max(size - crop, 0) + 1) on each axis, as floor(u * (margin + 1)) of the (n, 2)
+  uniforms `u` (slots SLOT_CROP on), kept <= margin against float rounding.
+  """
+  margin = xp.maximum(_cast(new_hw, xp.int32, xp) - _cast(crop_hw, xp.int32, xp), 0)
+  off = xp.floor(_cast(u, xp.float64, xp) * _cast(margin + 1, xp.float64, xp)[None])
+  return xp.minimum(_cast(off, xp.int32, xp), margin[None])
+
+
+def crop_accepted(class_counts, cat_max_ratio: float, xp=np):
+  """mmseg RandomCrop's check of a candidate crop: > 1 class present and max count / total < ratio.
+
+  `class_counts`: int64 pixel counts of the crop's label values with the ignore label's count
+  zeroed (mmseg drops `ignore_index` before counting). Returns a bool (scalar).
+  """
+  present = _reduce(xp, 'sum')(_cast(class_counts > 0, xp.int64, xp))
+  total = _reduce(xp, 'sum')(class_counts)
+  largest = _reduce(xp, 'max')(class_counts)
+  ratio = _cast(largest, xp.float64, xp) / _cast(xp.maximum(total, 1), xp.float64, xp)
+  return xp.logical_and(present > 1, ratio < cat_max_ratio)
+
+
+def photometric_params(u, xp=np) -> dict:
+  """mmseg PhotoMetricDistortion's draws from the example's uniforms (each step with p = 0.5).
+
+  `u`: (NUM_UNIFORMS, ...) uniforms. Flags are bools, amounts float32 (as the pixels).
+  """
+  u = _cast(u, xp.float64, xp)
+
+  def between(x, lo, hi):
+    return _cast(x * (hi - lo) + lo, xp.float32, xp)
+
+  return {
+      'brightness_on': u[SLOT_BRIGHT_ON] < 0.5,
+      'brightness': between(u[SLOT_BRIGHT], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA),
+      'contrast_first': u[SLOT_MODE] < 0.5,  # mmseg mode == 1
+      'contrast_on': u[SLOT_CONTRAST_ON] < 0.5,
+      'contrast': between(u[SLOT_CONTRAST], *CONTRAST_RANGE),
+      'saturation_on': u[SLOT_SAT_ON] < 0.5,
+      'saturation': between(u[SLOT_SAT], *SATURATION_RANGE),
+      'hue_on': u[SLOT_HUE_ON] < 0.5,
+      # randint(-18, 18): integers in [-18, 17].
+      'hue': _cast(xp.floor(u[SLOT_HUE] * (2 * HUE_DELTA)) - HUE_DELTA, xp.float32, xp),
+  }
+
+
+def convert_pixels(x, alpha=1.0, beta=0.0, xp=np):
+  """mmseg PhotoMetricDistortion `convert` on float32 pixels holding integers: x * alpha + beta,
+  clipped to [0, 255] and truncated as its astype(np.uint8) does; stays float32."""
+  return xp.floor(xp.minimum(xp.maximum(x * alpha + beta, 0.0), 255.0))
+
+
+def round_pixels(x, xp=np):
+  """Round half up and clip to [0, 255], as OpenCV's saturate_cast to uint8; stays float32."""
+  return xp.minimum(xp.maximum(xp.floor(x + 0.5), 0.0), 255.0)

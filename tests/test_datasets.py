@@ -22,6 +22,7 @@ from segvit_jax.datasets import common
 from segvit_jax.datasets import mmseg_folder
 from segvit_jax.datasets import pascal_context
 from segvit_jax.datasets import prepare
+from segvit_jax.datasets import sources  # noqa: F401  (registers the TFDS builders)
 from segvit_jax.datasets import synthetic
 
 try:
@@ -42,10 +43,10 @@ def _cfg(**kw):
 
 def _read(cfg, split, **kw):
   """Decoded examples of a source (TFDS and folder sources yield encoded bytes)."""
-  from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from segvit_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
 
   def decode(ex):
-    image, label = input_pipeline.decode_example(ex)
+    image, label = tf_pipeline.decode_example(ex)
     return {**ex, 'image': image, 'label': label}
 
   return list(datasets.get_source(cfg, split, **kw).map(decode).as_numpy_iterator())
@@ -424,21 +425,22 @@ def test_synthetic_is_deterministic_and_seeded():
   assert not np.array_equal(a[0], d[0])
 
   cfg = _cfg(source='synthetic', num_classes=5)
-  first, second = _read(cfg, 'train'), _read(cfg, 'train')
-  assert len(first) == 12 and datasets.num_examples(cfg, 'validation') == 5
-  for x, y in zip(first, second):
-    np.testing.assert_array_equal(x['image'], y['image'])
-  np.testing.assert_array_equal(first[3]['image'], a[0])
-  np.testing.assert_array_equal(first[3]['label'], a[1])
-  other_seed = _read(_cfg(source='synthetic', num_classes=5, synthetic_seed=7), 'train')
-  assert not np.array_equal(first[0]['image'], other_seed[0]['image'])
-  shards = [_read(cfg, 'train', shard_index=i, num_shards=3) for i in range(3)]
-  assert [e['file_name'] for s in shards for e in s] == [e['file_name'] for e in first]
-  assert int(datasets.get_source(cfg, 'train', shard_index=2, num_shards=3)
-             .cardinality()) == 4
-  empty = datasets.get_source(cfg, 'validation', shard_index=6, num_shards=7)
-  assert int(empty.cardinality()) == 0
-  assert empty.element_spec == datasets.get_source(cfg, 'validation').element_spec
+  images, labels = synthetic.load(cfg, 'train')
+  assert images.shape == (12, 48, 48, 3) and labels.shape == (12, 48, 48)
+  assert not images.flags.writeable and not labels.flags.writeable  # cached: shared, read-only
+  assert synthetic.load(cfg, 'train')[0] is images
+  assert datasets.num_examples(cfg, 'validation') == 5
+  assert len(synthetic.load(cfg, 'validation')[0]) == 5
+  np.testing.assert_array_equal(images[3], a[0])
+  np.testing.assert_array_equal(labels[3], a[1])
+  other_seed = synthetic.load(_cfg(source='synthetic', num_classes=5, synthetic_seed=7), 'train')
+  assert not np.array_equal(images[0], other_seed[0][0])
+
+
+def test_synthetic_has_no_tf_data_source():
+  """The in-memory source is served by numpy_pipeline; get_source says so."""
+  with pytest.raises(ValueError, match='numpy_pipeline'):
+    datasets.get_source(_cfg(source='synthetic', num_classes=5), 'train')
 
 
 def test_synthetic_labels_and_shapes():

@@ -6,6 +6,7 @@ photometric step off) and a blocky label; hosts read contiguous near-equal block
 dataset sources do.
 """
 
+import itertools
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -326,14 +327,15 @@ def test_global_batch_on_simulated_devices():
 
 
 # ---------------------------------------------------------------------------------------------
-# With the real sources (`segvit_jax.datasets.get_source`, synthetic: no files needed).
+# With the real sources: a TFDS build through tf.data (`segvit_jax.datasets.get_source`), the
+# synthetic source through numpy_pipeline (no files, no TensorFlow needed).
 
 
 def test_with_a_tfds_build(tmp_path):
   """The TFDS source (sharded even splits, decoding in the graph) through both pipelines."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Imported for its side effect: it registers the TFDS builder 'ade20k' used below.
-  from segvit_jax import datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  from segvit_jax.datasets import sources  # noqa: F401  # pylint: disable=unused-import
   try:
     from tests import official_layouts as layouts  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -364,7 +366,10 @@ def test_with_a_tfds_build(tmp_path):
 
 
 def test_with_the_synthetic_source():
-  config = small_config(batch_size=4)
+  """Source 'synthetic' is read by numpy_pipeline (numpy batches, no tf.data), by the same rules:
+  hosts together yield the single-host batches, a resumed stream the uninterrupted one, every
+  host the same number of eval batches with padding rows marked invalid."""
+  config = small_config(batch_size=4, photometric=True)
   d = config.dataset
   d.name = d.source = 'synthetic'
   d.num_classes = 5
@@ -376,18 +381,35 @@ def test_with_the_synthetic_source():
   d.eval_pad_size = (48, 48)
   d.eval_label_pad_size = (40, 40)
   config.eval.batch_size = 4
+
+  def batches(host, hosts, n, start_step=0):
+    stream = input_pipeline.create_train_dataset(config, process_index=host, process_count=hosts,
+                                                 start_step=start_step)
+    return list(itertools.islice(stream, n))
+
+  single = batches(0, 1, 5)  # 20 positions: two epochs of 10
+  assert isinstance(single[0]['image'], np.ndarray)
+  assert single[0]['image'].shape == (4, 16, 20, 3) and single[0]['label'].shape == (4, 16, 20)
+  assert set(np.unique(np.concatenate([b['label'] for b in single]))) <= set(range(5)) | {255}
+  hosts = [batches(h, 2, 5) for h in range(2)]
+  assert_batches_equal([{k: np.concatenate([hosts[0][s][k], hosts[1][s][k]]) for k in single[s]}
+                        for s in range(5)], single)
+  assert_batches_equal(batches(1, 2, 2, start_step=3), hosts[1][3:])
+  # Numpy host batches become global arrays as tf.data ones do.
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(4, 1, 1), ('data', 'fsdp', 'model'))
+  stream = input_pipeline.create_train_dataset(config, process_index=0, process_count=1)
+  first = next(input_pipeline.global_batches(stream, mesh))
+  np.testing.assert_array_equal(np.asarray(first['image']), single[0]['image'])
+
+  assert input_pipeline.eval_shard_sizes(config, 2) == [3, 2]
+  valid = []
   for host in range(2):
-    batches = take(input_pipeline.create_train_dataset(config, process_index=host,
-                                                       process_count=2), 3)
-    assert batches[0]['image'].shape == (2, 16, 20, 3) and batches[0]['label'].shape == (2, 16, 20)
-    assert set(np.unique(np.concatenate([b['label'] for b in batches]))) <= set(range(5)) | {255}
-  valid = 0
-  for host in range(2):
-    batches = list(input_pipeline.create_eval_dataset(
-        config, process_index=host, process_count=2, batch_shards=2).as_numpy_iterator())
-    assert len(batches) == 2  # shards of 3 and 2, host batch 2
-    for b in batches:
-      valid += int(b['valid'].sum())
+    eval_batches = list(input_pipeline.create_eval_dataset(
+        config, process_index=host, process_count=2, batch_shards=2))
+    assert len(eval_batches) == 2  # shards of 3 and 2, host batch 2
+    for b in eval_batches:
+      valid += b['valid'].tolist()
       assert b['image'].shape == (2, 48, 48, 3) and b['label'].shape == (2, 40, 40)
       assert np.all(b['image_size'][b['valid']] == 48)
-  assert valid == 5
+      assert np.all(b['label'][~b['valid']] == 255) and not b['image'][~b['valid']].any()
+  assert valid == [True, True, True, False, True, True, False, False]

@@ -1,14 +1,15 @@
-"""`get_source`: one tf.data interface over TFDS builds, mmseg folders and synthetic data.
+"""`get_source`: one tf.data interface over the file sources: TFDS builds and mmseg folders.
 
 Every source yields, in a fixed order and without shuffling,
   {'image': uint8 (H, W, 3) RGB, 'label': uint8 (H, W) train ids (0..K-1, 255 = ignore),
    'file_name': tf.string}
 or, where the storage holds encoded files (TFDS builds, mmseg folders), 'image' as JPEG / PNG bytes
-and 'label' as single-channel PNG bytes of train ids, which `input_pipeline.decode_example`
+and 'label' as single-channel PNG bytes of train ids, which `tf_pipeline.decode_example`
 decodes inside the tf.data graph. A source returns the part of the split given by (shard_index,
 num_shards): contiguous, disjoint blocks covering the split, the first `n % num_shards` one
 example longer (as tfds.even_splits). Evaluation shards by host; training reads the whole split
-on every host (see input_pipeline).
+on every host (see input_pipeline). The in-memory 'synthetic' source has no tf.data form: it is
+served by `segvit_jax.numpy_pipeline` (`num_examples` still counts it).
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def get_source(dataset_config, split: str, *, shard_index: int = 0,
   """This host's examples of `split` ('train' or 'validation') of the configured source.
 
   Args:
-    dataset_config: `config.dataset`; `source` picks 'tfds' (`tfds_name`, `data_dir`),
-      'mmseg_folder' (`folder`, `reduce_zero_label`, `num_classes`) or 'synthetic'
-      (`num_classes`, `synthetic_*`).
+    dataset_config: `config.dataset`; `source` picks 'tfds' (`tfds_name`, `data_dir`) or
+      'mmseg_folder' (`folder`, `reduce_zero_label`, `num_classes`).
     split: 'train' or 'validation' (a TFDS split expression is accepted for 'tfds').
     shard_index: this host's index, usually jax.process_index().
     num_shards: number of hosts, usually jax.process_count().
@@ -88,9 +88,10 @@ def get_source(dataset_config, split: str, *, shard_index: int = 0,
   if kind == 'mmseg_folder':
     return mmseg_folder.source(dataset_config, split, shard_index, num_shards)
   if kind == 'synthetic':
-    return synthetic.source(dataset_config, split, shard_index, num_shards)
-  raise ValueError(f"config.dataset.source={kind!r}; expected 'tfds', 'mmseg_folder' or "
-                   "'synthetic'.")
+    raise ValueError("config.dataset.source='synthetic' is an in-memory source without a tf.data "
+                     'form: segvit_jax.numpy_pipeline serves it (input_pipeline picks it).')
+  raise ValueError(f"config.dataset.source={kind!r}; expected 'tfds' or 'mmseg_folder' ("
+                   "or 'synthetic', read by segvit_jax.numpy_pipeline).")
 
 
 def num_examples(dataset_config, split: str) -> int:

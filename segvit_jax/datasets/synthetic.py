@@ -8,8 +8,9 @@ colour says nothing about the class: a model has to read texture (and shape). Sh
 17-48 pixels across at 96x96 (scaled with the image size), 3-5 per image, and may occlude
 each other. Every example is a pure function of (seed, split, index).
 
-`render` is numpy only. `source` precomputes a split into memory (a few MB) and serves it
-through tf.data, so the demo and the tests need no files.
+Numpy only: `load` renders a whole split into memory (a few MB, cached) for
+`segvit_jax.numpy_pipeline`, so the demo, the benchmarks and the tests need no files and no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -198,14 +199,7 @@ def num_examples(dataset_config, split: str) -> int:
   raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}.")
 
 
-def source(dataset_config, split: str, shard_index: int = 0, num_shards: int = 1):
-  """tf.data.Dataset of this host's contiguous block of the split (see get_source)."""
-  import tensorflow as tf  # Only the tf.data wrapper needs TensorFlow.
-  from segvit_jax.datasets import common
-  n = num_examples(dataset_config, split)
-  images, labels = make_split(split, n, **_sizes(dataset_config))
-  start, stop = common.even_range(n, shard_index, num_shards)
-  names = [f'synthetic_{split}_{i:06d}' for i in range(start, stop)]
-  return tf.data.Dataset.from_tensor_slices({
-      'image': images[start:stop], 'label': labels[start:stop],
-      'file_name': tf.constant(names, tf.string, shape=[stop - start])})
+def load(dataset_config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The split `config.dataset` describes: images (N, H, W, 3) uint8 RGB and labels (N, H, W)
+  uint8 in 0..K-1, example i at index i (`make_split`: cached, read-only)."""
+  return make_split(split, num_examples(dataset_config, split), **_sizes(dataset_config))
