@@ -443,10 +443,7 @@ def segment(images: Iterable[Any], checkpoint: Any, *, config: Optional[Any] = N
       sources.append((item, f'image_{i}'))
   summary = summary if summary is not None else Summary()
   compile_before, count_before = predictor.compile_seconds, len(predictor.compiled)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(sources), unit='img', desc='segment', file=sys.stderr)
+  bar = _progress_bar(len(sources)) if progress else None
   results: List[Optional[Dict[str, Any]]] = [None] * len(sources)
   t0 = time.perf_counter()
   try:
@@ -468,6 +465,16 @@ def segment(images: Iterable[Any], checkpoint: Any, *, config: Optional[Any] = N
   summary.compile_seconds = predictor.compile_seconds - compile_before
   summary.compilations = len(predictor.compiled) - count_before
   return results
+
+
+def _progress_bar(total: int):
+  """A tqdm bar on stderr, or None where tqdm is not installed (it comes with TFDS; a minimal
+  environment segments without a bar, and the summary line still follows)."""
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm(total=total, unit='img', desc='segment', file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------
