@@ -61,10 +61,10 @@ test-newest: $(STAMP_NEWEST)
 	$(PY_NEWEST) -m pytest -q -n 2 -m 'not lock' \
 	  $(foreach t,$(NEEDS_TORCH_OR_LIBTPU),--ignore=tests/$(t).py) tests
 	workdir=$$(mktemp -d) && trap 'rm -rf "$$workdir"' EXIT && \
-	  $(PY_NEWEST) -m segvit_jax.main --config=configs/synthetic.py --workdir=$$workdir \
+	  $(VENV_NEWEST)/bin/segvit-train --config=configs/synthetic.py --workdir=$$workdir \
 	    --config.num_train_steps=20 --config.log_every_steps=10 \
 	    --config.evals.val.every_steps=20 --config.checkpoint_every_steps=20 && \
-	  test -f $$workdir/checkpoints/20/_CHECKPOINT_METADATA -o -d $$workdir/checkpoints/20
+	  test -d $$workdir/checkpoints/20 -a -f $$workdir/final_metrics.json
 
 clean-venv:
 	rm -rf $(VENV) $(VENV_NEWEST) $(LIBTPU)

@@ -43,6 +43,8 @@ are separate.
 loss, optimizer) in both frameworks; `--skip=infer,slide` measures the train step alone.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -51,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -136,7 +138,19 @@ def _pass_turn() -> None:
   _await_turn()
 
 
-def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """How `_timed` repeats a measurement.
+
+  rounds: turns per measurement (None: --rounds); alternate: each turn waits for the parent's
+  go, the CLI's turn-taking with the other framework's worker. A caller that runs one framework
+  at a time in its own process (bench/gpu_check.py) passes alternate=False: no turns, no pauses.
+  """
+  rounds: Optional[int] = None
+  alternate: bool = True
+
+
+def _timed(fn: Callable[[], Any], steps: int, timing: Optional[Timing] = None) -> Dict[str, Any]:
   """Seconds of the first call (warm-up) and the median of the timed calls; fn must block.
 
   The calls run in `--rounds` turns of the alternation with the other framework's worker, each
@@ -148,10 +162,12 @@ def _timed(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
   'cpu_median_s' is the process CPU time (all threads) of the median call: on a machine shared
   with other jobs it varies less than wall time (but counts a thread pool's spin-waiting).
   """
+  timing = timing or Timing()
   first = None
   times, cpu = [], []
-  for _ in range(_ROUNDS.value):
-    _pass_turn()
+  for _ in range(_ROUNDS.value if timing.rounds is None else timing.rounds):
+    if timing.alternate:
+      _pass_turn()
     start = time.monotonic()
     fn()
     if first is None:
@@ -220,7 +236,22 @@ def _cpu_name() -> str:
 # JAX worker.
 
 
-def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool):
+def _compile_program(out: Dict[str, Any], name: str, jitted, *args):
+  """(compiled `jitted` for args, seconds); XLA's temporaries go to out['temp_mib'][name]."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  try:  # XLA's buffer plan: the temporaries one call needs besides its arguments and outputs
+    memory = compiled.memory_analysis()
+    out.setdefault('temp_mib', {})[name] = memory.temp_size_in_bytes / 2**20
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return compiled, seconds
+
+
+def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool,
+            timing: Optional[Timing] = None):
+  """The JAX measurements (module docstring) on the first device; `timing` as `_timed`'s."""
   import jax  # pylint: disable=g-import-not-at-top
   from segvit_jax import evaluators  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -244,16 +275,7 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
     return jax.tree.map(
         lambda x: jax.device_put(x, sharding.batch_sharding(run.mesh, np.ndim(x))), tree)
 
-  def compile_(name, jitted, *args):
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    seconds = time.perf_counter() - t0
-    try:  # XLA's buffer plan: the temporaries one call needs besides its arguments and outputs
-      memory = compiled.memory_analysis()
-      out.setdefault('temp_mib', {})[name] = memory.temp_size_in_bytes / 2**20
-    except Exception:  # pylint: disable=broad-except
-      pass
-    return compiled, seconds
+  compile_ = functools.partial(_compile_program, out)
 
   with jax.set_mesh(run.mesh):
     t0 = time.perf_counter()
@@ -271,18 +293,19 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
         held['state'], metrics = step_fn(held['state'], train_batch)  # the state is donated
         out['last_loss'] = float(metrics['loss'])  # blocks
 
-      out['train'] = _timed(one_step, steps)
+      out['train'] = _timed(one_step, steps, timing)
       state = held.pop('state')
       if breakdown:
         out['breakdown'] = _jax_breakdown(run.model, run.tx, state.params, images, labels,
-                                          config, steps)
+                                          config, steps, timing)
 
     variables = {'params': state.params}
     if 'infer' not in skip:
       crop_images = on_mesh(random_images(rng, batch, config.model.img_size))
       forward = jax.jit(lambda v, x: run.model.apply(v, x, train=False))
       fwd, out['compile_infer_s'] = compile_('forward', forward, variables, crop_images)
-      out['infer'] = _timed(lambda: fwd(variables, crop_images).block_until_ready(), steps)
+      out['infer'] = _timed(lambda: fwd(variables, crop_images).block_until_ready(), steps,
+                            timing)
 
     if 'slide' not in skip:
       sizes = np.asarray([slide_hw] * batch, np.int32)  # no test resize: image = label size
@@ -296,7 +319,7 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
       slide_fn, out['compile_slide_s'] = compile_('slide', eval_step, variables, slide_batch,
                                                   conf)
       out['slide'] = _timed(lambda: slide_fn(variables, slide_batch, conf).block_until_ready(),
-                            steps)
+                            steps, timing)
 
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
@@ -305,7 +328,7 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
   return out
 
 
-def _jax_breakdown(model, tx, params, images, labels, config, steps):
+def _jax_breakdown(model, tx, params, images, labels, config, steps, timing=None):
   """Seconds of the parts of a train step, each jitted on its own."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -355,7 +378,7 @@ def _jax_breakdown(model, tx, params, images, labels, config, steps):
   result = {}
   for name, (fn, args) in parts.items():
     compiled = jax.jit(fn).lower(*args).compile()
-    t = _timed(lambda: jax.block_until_ready(compiled(*args)), steps)
+    t = _timed(lambda: jax.block_until_ready(compiled(*args)), steps, timing)
     result[name] = [t['median_s'], t['cpu_median_s']]
     try:
       result[name].append(compiled.memory_analysis().temp_size_in_bytes / 2**20)
@@ -387,75 +410,116 @@ def _torch_model(config):
   return model, ref
 
 
+def _compile_layers(model) -> int:
+  """Regional torch.compile: each ViT block and each decoder layer (the entries of every
+  `layers` ModuleList) compiled on its own, the glue between them and the loss left eager.
+  Identical blocks share one compiled graph, so compiling costs a few layers' worth, not the
+  whole unrolled model's. Returns the number of layers compiled; the first call compiles."""
+  import torch  # pylint: disable=g-import-not-at-top
+  count = 0
+  for name, module in model.named_modules():
+    if isinstance(module, torch.nn.ModuleList) and name.rsplit('.', 1)[-1] == 'layers':
+      for layer in module:
+        layer.compile()
+        count += 1
+  return count
+
+
+def _torch_train(model, images, labels, amp, loss_of, optim_config, steps, timing, out):
+  """Times the trainer's step (forward, loss, backward, clipping, AdamW); returns the optimizer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  o = optim_config
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                          weight_decay=o.weight_decay)
+
+  def one_step():
+    opt.zero_grad(set_to_none=True)
+    with amp():
+      outputs = model.forward_all(images)
+      loss = loss_of(outputs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+    opt.step()
+    out['last_loss'] = float(loss.detach())  # waits for the step: the copy follows it
+
+  out['train'] = _timed(one_step, steps, timing)
+  return opt
+
+
 def run_torch(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdown: bool,
-              threads: int):
+              threads: int, device: str = 'cpu', timing: Optional[Timing] = None,
+              compile_layers: bool = False):
+  """The PyTorch reference's measurements on `device` ('cpu', 'cuda', 'cuda:N'); bfloat16 is
+  autocast. `timing` as `_timed`'s; `compile_layers`: `_compile_layers` first. The breakdown
+  times CPU calls (nothing waits for a GPU there)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model, ref = _torch_model(config)
+  kind = torch.device(device).type
+  model.to(device)
+  out: Dict[str, Any] = {'framework': 'torch', 'version': torch.__version__,
+                         'threads': torch.get_num_threads(),
+                         'device': torch.cuda.get_device_name(device) if kind == 'cuda' else kind}
+  if kind == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+  if compile_layers:
+    out['compiled_layers'] = _compile_layers(model)
   k = config.model.num_classes
   rng = np.random.default_rng(0)
   crop = tuple(config.dataset.crop_size)
-  images = torch.from_numpy(random_images(rng, batch, crop, channels_first=True))
-  labels = torch.from_numpy(ade_like_labels(rng, batch, *crop, k).astype(np.int64))
-  autocast = dtype == 'bfloat16'
-  out: Dict[str, Any] = {'framework': 'torch', 'version': torch.__version__,
-                         'threads': torch.get_num_threads(), 'device': 'cpu'}
+  on_device = lambda a: torch.from_numpy(a).to(device)
+  images = on_device(random_images(rng, batch, crop, channels_first=True))
+  labels = on_device(ade_like_labels(rng, batch, *crop, k).astype(np.int64))
   lc = config.loss
-  o = config.optim
 
   def amp():
-    return torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast)
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+  def synced(fn):  # CUDA calls return before the GPU is done: a timed call waits for it
+    return (lambda: (fn(), torch.cuda.synchronize(device))) if kind == 'cuda' else fn
 
   def loss_of(outputs):
-    terms = ref.atm_loss(outputs, labels, k, eos_coef=lc.no_object_weight,
-                         cls_weight=lc.cls_weight, mask_weight=lc.mask_weight,
-                         dice_weight=lc.dice_weight)
+    # The reference loss creates its class weights and targets on the default device.
+    with torch.device(device):
+      terms = ref.atm_loss(outputs, labels, k, eos_coef=lc.no_object_weight,
+                           cls_weight=lc.cls_weight, mask_weight=lc.mask_weight,
+                           dice_weight=lc.dice_weight)
     return sum(terms.values())
 
   if 'train' not in skip:
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
-                            weight_decay=o.weight_decay)
-
-    def one_step():
-      opt.zero_grad(set_to_none=True)
-      with amp():
-        outputs = model.forward_all(images)
-        loss = loss_of(outputs)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
-      opt.step()
-      out['last_loss'] = float(loss)
-
-    out['train'] = _timed(one_step, steps)
+    opt = _torch_train(model, images, labels, amp, loss_of, config.optim, steps, timing, out)
     if breakdown:
-      out['breakdown'] = _torch_breakdown(model, images, labels, loss_of, amp, opt, steps)
+      out['breakdown'] = _torch_breakdown(model, images, labels, loss_of, amp, opt, steps,
+                                          timing)
 
   model.eval()
   if 'infer' not in skip:
-    crop_images = torch.from_numpy(random_images(rng, batch, config.model.img_size,
-                                                 channels_first=True))
+    crop_images = on_device(random_images(rng, batch, config.model.img_size,
+                                          channels_first=True))
 
     def infer():
       with torch.inference_mode(), amp():
         model.forward_all(crop_images)['scores']
-    out['infer'] = _timed(infer, steps)
+    out['infer'] = _timed(synced(infer), steps, timing)
 
   if 'slide' not in skip:
-    slide_images = torch.from_numpy(random_images(rng, batch, slide_hw, channels_first=True))
+    slide_images = on_device(random_images(rng, batch, slide_hw, channels_first=True))
     e = config.eval
 
     def slide():  # mmseg's inference (slide or whole, resize to the original size), argmax
       with torch.inference_mode(), amp():
         ref.inference(model, slide_images, mode=e.mode, crop_size=tuple(e.crop_size),
                       stride=tuple(e.stride), num_classes=k).argmax(1)
-    out['slide'] = _timed(slide, steps)
+    out['slide'] = _timed(synced(slide), steps, timing)
   out['peak_rss_mib'] = _peak_rss_mib()
+  if kind == 'cuda':
+    out['device_peak_mib'] = torch.cuda.max_memory_allocated(device) / 2**20
   return out
 
 
-def _torch_breakdown(model, images, labels, loss_of, amp, opt, steps):
+def _torch_breakdown(model, images, labels, loss_of, amp, opt, steps, timing=None):
   import torch  # pylint: disable=g-import-not-at-top
   result = {}
 
@@ -510,7 +574,7 @@ def _torch_breakdown(model, images, labels, loss_of, amp, opt, steps):
                    ('model_fwd_train', model_fwd_train), ('model_fwd_bwd', model_fwd_bwd),
                    ('loss_fwd', loss_fwd), ('loss_fwd_bwd', loss_fwd_bwd),
                    ('optimizer', optimizer)):
-    t = _timed(fn, steps)
+    t = _timed(fn, steps, timing)
     result[name] = [t['median_s'], t['cpu_median_s']]
   return result
 

@@ -232,7 +232,7 @@ class SetCriterionBuffers(nn.Module):
 
   def __init__(self, num_classes: int, eos_coef: float = 0.1):
     super().__init__()
-    weight = torch.ones(num_classes + 1)
+    weight = torch.ones(num_classes + 1, device=labels.device)
     weight[-1] = eos_coef
     self.register_buffer('empty_weight', weight)
 
@@ -420,11 +420,11 @@ def atm_loss(out, labels, num_classes, eos_coef=0.1, cls_weight=1.0, mask_weight
     classes = lab.unique()
     present.append(classes[classes != ignore_index])
   num_masks = max(float(sum(len(c) for c in present)), 1.0)
-  weight = torch.ones(num_classes + 1)
+  weight = torch.ones(num_classes + 1, device=labels.device)
   weight[-1] = eos_coef
 
   def terms(logits, masks):
-    target = torch.full(logits.shape[:2], num_classes, dtype=torch.int64)
+    target = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
     for b, classes in enumerate(present):
       target[b, classes] = classes
     ce = F.cross_entropy(logits.transpose(1, 2), target, weight)
