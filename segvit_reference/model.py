@@ -232,7 +232,7 @@ class SetCriterionBuffers(nn.Module):
 
   def __init__(self, num_classes: int, eos_coef: float = 0.1):
     super().__init__()
-    weight = torch.ones(num_classes + 1, device=labels.device)
+    weight = torch.ones(num_classes + 1)
     weight[-1] = eos_coef
     self.register_buffer('empty_weight', weight)
 
