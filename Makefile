@@ -23,7 +23,7 @@ REQUIREMENTS := requirements.txt requirements-torch.txt requirements-test.txt
 NEWEST_PACKAGES := jax|jaxlib|flax|optax|orbax-checkpoint
 # Test files that need PyTorch (references) or libtpu (TPU compiles): left to `make test`.
 NEEDS_TORCH_OR_LIBTPU := test_bench test_compile test_convert test_evaluate test_losses \
-  test_optim test_parity test_resize
+  test_optim test_parity test_resize test_gpu_check
 # Known to hang with jax 0.12.1 on CPU: 2-process jobs (Gloo) stall in a collective (a process
 # that starts 40 s late; a step after an asynchronous save). Left to `make test` until fixed.
 NEWEST_KNOWN_FAILING := test_multihost
