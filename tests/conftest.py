@@ -69,6 +69,7 @@ def _xla_flags(flags: str, num_devices: int) -> str:
 
 
 _CACHE_OWNER = 'SEGVIT_TEST_CACHE_OWNER'
+_SCRATCH_OWNER = 'SEGVIT_TEST_SCRATCH_OWNER'
 
 
 def _set_environment() -> None:
@@ -76,6 +77,16 @@ def _set_environment() -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # as segvit_jax.cli sets it
   os.environ['XLA_FLAGS'] = _xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
+  # One scratch folder for everything the run writes to the temporary directory (pytest's
+  # tmp_path, the caches below, TensorFlow autograph's generated modules, which it never
+  # removes), made by the first process of the run and removed when it exits; workers and
+  # subprocesses inherit it through TMPDIR.
+  if _SCRATCH_OWNER not in os.environ:
+    scratch = tempfile.mkdtemp(prefix='segvit_tests_')
+    os.environ[_SCRATCH_OWNER] = str(os.getpid())
+    os.environ['TMPDIR'] = scratch
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+  tempfile.tempdir = os.environ['TMPDIR']
   # One cache per test worker, shared with the subprocesses it starts: pytest-xdist's workers
   # inherit the controller's environment, and JAX writes cache entries in place, so a cache
   # shared by workers that compile at once can be read half-written.
