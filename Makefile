@@ -24,8 +24,8 @@ NEWEST_PACKAGES := jax|jaxlib|flax|optax|orbax-checkpoint
 # Test files that need PyTorch (references) or libtpu (TPU compiles): left to `make test`.
 NEEDS_TORCH_OR_LIBTPU := test_bench test_compile test_convert test_evaluate test_losses \
   test_optim test_parity test_resize test_gpu_check
-# Known to hang with jax 0.12.1 on CPU: 2-process jobs (Gloo) stall in a collective (a process
-# that starts 40 s late; a step after an asynchronous save). Left to `make test` until fixed.
+# Known to hang with jaxlib 0.12.1: a 2-process CPU job deadlocks in the first Gloo collective of
+# the train step (both processes wait in a send), an XLA:CPU fault. Left to `make test` (the lock).
 NEWEST_KNOWN_FAILING := test_multihost
 # libtpu (requirements-tpu.txt, 684 MB) in a directory of its own: only the test processes that
 # compile for TPU topologies put it on their path (tests/test_compile.py); CPU runs never load it.
