@@ -87,6 +87,8 @@ def _set_environment() -> None:
     os.environ['TMPDIR'] = scratch
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
   tempfile.tempdir = os.environ['TMPDIR']
+  # libtpu (TPU compiles) logs to /tmp/tpu_logs unless told otherwise.
+  os.environ.setdefault('TPU_LOG_DIR', os.path.join(os.environ['TMPDIR'], 'tpu_logs'))
   # One cache per test worker, shared with the subprocesses it starts: pytest-xdist's workers
   # inherit the controller's environment, and JAX writes cache entries in place, so a cache
   # shared by workers that compile at once can be read half-written.
