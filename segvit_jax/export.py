@@ -128,7 +128,7 @@ def check_request(r: Request) -> None:
 
 def check_size(size: Tuple[int, int], patch: int, flag: str = '--size') -> None:
   if any(s % patch for s in size):
-    fix = 'x'.join(str(max(patch, round(s / patch) * patch)) for s in size)
+    fix = 'x'.join(str(-(-s // patch) * patch) for s in size)
     raise UserError(f'{flag}={size[0]}x{size[1]} is not a multiple of the patch size {patch} '
                     f'on each side; e.g. {flag}={fix}.')
 
