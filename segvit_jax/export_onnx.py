@@ -3,9 +3,11 @@
 jax2onnx traces the function itself with its own replacements of jax.numpy and Flax functions
 active; one of them (`jnp.shape` returning a traced array) breaks `nn.scan`, which runs our ViT
 blocks and decoder layers. So the function is traced here first, as plain JAX, to a jaxpr of lax
-primitives (the scans included), and jax2onnx converts a function that replays that jaxpr
-(`jax.core.eval_jaxpr`): the same primitives with the same parameters, so the same numbers. The
-batch dimension is symbolic in both traces (one symbol), and stays dynamic in the ONNX model.
+primitives, and jax2onnx converts a function that replays that jaxpr (`jax.core.eval_jaxpr`):
+the same primitives with the same parameters, so the same numbers. The trace runs under
+`jax.disable_jit()`, which inlines the jit calls inside jax.numpy functions and unrolls the scans
+into one copy per block: jax2onnx's lowering of nested jit bodies fails on jax >= 0.11. The batch
+dimension is symbolic in both traces (one symbol), and stays dynamic in the ONNX model.
 
 onnxruntime session:
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
@@ -25,22 +27,24 @@ OPSET = 23
 
 
 @contextlib.contextmanager
-def _quiet_plugin_discovery():
-  # jax2onnx imports plugins for optional libraries (equinox, dm_pix) that segvit_jax does not
-  # install, and logs a traceback for each at WARNING.
-  logger = logging.getLogger('jax2onnx')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
+def _quiet_converter():
+  # jax2onnx logs a traceback at WARNING for each plugin of an optional library that is not
+  # installed, and onnx_ir a warning for each shape value it leaves untyped.
+  loggers = [logging.getLogger(name) for name in ('jax2onnx', 'onnx_ir')]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
   try:
     yield
   finally:
-    logger.setLevel(level)
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
 
 
 def import_jax2onnx():
   """jax2onnx.to_onnx, or a UserError naming what to install."""
   try:
-    with _quiet_plugin_discovery():
+    with _quiet_converter():
       from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
       import onnx  # pylint: disable=g-import-not-at-top,unused-import
   except ModuleNotFoundError as e:
@@ -60,7 +64,7 @@ def onnx_model(fn: Callable[..., Any], spec: jax.ShapeDtypeStruct, info: Dict[st
     out = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, images)
     return tuple(out) if len(out) > 1 else out[0]
 
-  with _quiet_plugin_discovery():
+  with _quiet_converter():
     model = to_onnx(replay, [spec], model_name='segvit', opset=OPSET, input_names=['images'],
                     output_names=[o['name'] for o in info['outputs']])
   entry = model.metadata_props.add()

@@ -29,6 +29,7 @@ from segvit_jax.models import segvit
 from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
 import segvit_reference as ref
+import test_zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 7
@@ -134,6 +135,24 @@ def test_cli_reads_the_architecture_from_meta(files):
   # Every official tensor but the loss buffer became exactly one parameter: equal element counts.
   used = sum(v.size for k, v in sd.items() if 'empty_weight' not in k)
   assert sum(v.size for v in p.values()) == used
+
+
+def test_cli_converts_an_hf_source_from_an_offline_cache(files, tmp_path):
+  _, paths = files
+  cache = tmp_path / 'hub'
+  test_zoo._fake_cache(cache, 'segvit.pth', paths['mmcv'].read_bytes())  # pylint: disable=protected-access
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_PLATFORMS='cpu', HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1')
+  dst = tmp_path / 'out'
+  proc = subprocess.run([sys.executable, '-m', 'segvit_jax.convert',
+                         'hf://Akide/SegViTv1/segvit.pth', str(dst)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith(f'Converted hf://Akide/SegViTv1/segvit.pth -> {dst}: segvit')
+  with open(dst / 'meta.json', encoding='utf-8') as f:
+    assert json.load(f)['source'] == str(cache / 'models--Akide--SegViTv1' / 'snapshots' /
+                                         os.listdir(cache / 'models--Akide--SegViTv1' /
+                                                    'snapshots')[0] / 'segvit.pth')
 
 
 def test_bare_state_dict_with_config_matches_meta_conversion(files):
