@@ -15,6 +15,7 @@ onnxruntime session:
 """
 
 import contextlib
+import io
 import json
 import logging
 from typing import Any, Callable, Dict
@@ -29,13 +30,15 @@ OPSET = 23
 @contextlib.contextmanager
 def _quiet_converter():
   # jax2onnx logs a traceback at WARNING for each plugin of an optional library that is not
-  # installed, and onnx_ir a warning for each shape value it leaves untyped.
+  # installed and (0.12) prints a debug line on stdout for each convolution; onnx_ir logs a
+  # warning for each shape value it leaves untyped.
   loggers = [logging.getLogger(name) for name in ('jax2onnx', 'onnx_ir')]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
     logger.setLevel(logging.ERROR)
   try:
-    yield
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
   finally:
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
