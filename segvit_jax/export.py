@@ -283,8 +283,9 @@ def write_savedmodel(model, params, config, r: Request, directory: str) -> None:
 # The whole export.
 
 
-def export(checkpoint: str, format: str, size: Tuple[int, int], output: str, *,  # pylint: disable=redefined-builtin
-           end_to_end: bool = False, platforms: Sequence[str] = ('cpu',),
+def export(checkpoint: str, format: str,  # pylint: disable=redefined-builtin
+           size: Tuple[int, int], output: str, *, end_to_end: bool = False,
+           platforms: Sequence[str] = ('cpu',),
            dtype: str = 'float32', config: Optional[Any] = None) -> Dict[str, Any]:
   """Exports the checkpoint (a converted directory or a training workdir) to `output`.
 
@@ -295,6 +296,13 @@ def export(checkpoint: str, format: str, size: Tuple[int, int], output: str, *, 
   r = Request(format, tuple(int(s) for s in size), os.fspath(output), bool(end_to_end),
               tuple(platforms), dtype)
   check_request(r)
+  # A missing converter is one line before the checkpoint is read.
+  if r.format == 'onnx':
+    from segvit_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    export_onnx.import_jax2onnx()
+  elif r.format == 'savedmodel':
+    from segvit_jax.errors import import_tensorflow_module  # pylint: disable=g-import-not-at-top
+    import_tensorflow_module('tensorflow', '--format=savedmodel')
   if not os.path.isdir(checkpoint):
     raise UserError(f'--checkpoint={checkpoint} is not a directory: give a segvit-convert '
                     'output or a training workdir.')
