@@ -536,8 +536,8 @@ def main(argv: Sequence[str]) -> int:
                            summary=summary)
   else:
     segment(sources, load(f.checkpoint, f.config), tta=f.tta, batch_size=f.batch_size,
-            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket, output=f.output,
-            progress=f.progress, summary=summary, keep_results=False)
+            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket,
+            output=f.output, progress=f.progress, summary=summary, keep_results=False)
   for name, reason in summary.skipped:
     print(f'Skipped {name}: {reason}', file=sys.stderr)
   print(summary.line(), flush=True)
