@@ -46,7 +46,7 @@ def test_readme_zoo_names_every_official_checkpoint_and_its_licence():
     assert os.path.exists(os.path.join(ROOT, 'configs', config + '.py'))
 
 
-def _fake_cache(cache, filename, content):
+def fake_hf_cache(cache, filename, content):
   """A cache as huggingface_hub lays one out: blobs/<sha256>, refs/main holding the commit,
   snapshots/<commit>/<file> a relative link to the blob."""
   repo = cache / ('models--' + REPO_ID.replace('/', '--'))
@@ -76,7 +76,7 @@ for source in sys.argv[1:]:
 
 def test_hf_sources_resolve_from_an_offline_cache(tmp_path):
   hub = tmp_path / 'home' / 'hub'
-  expected = _fake_cache(hub, 'ade_51.3.pth', b'weights')
+  expected = fake_hf_cache(hub, 'ade_51.3.pth', b'weights')
   env = subprocess_env(HF_HOME=str(tmp_path / 'home'), HF_HUB_OFFLINE='1')
   env.pop('HF_HUB_CACHE', None)
   proc = subprocess.run(
