@@ -1,6 +1,11 @@
 r"""Official SegViT checkpoints (mmseg/mmcv `.pth`) -> exported segvit_jax parameter directories.
 
     python -m segvit_jax.convert ade_51.3.pth /tmp/ade_vitb [--config=configs/ade20k_base.py]
+    python -m segvit_jax.convert hf://Akide/SegViTv1/ade_51.3.pth /tmp/ade_vitb
+
+`hf://OWNER/REPO/FILE` is a file of a Hugging Face model repository (the official weights are in
+`Akide/SegViTv1`), fetched into huggingface_hub's cache (HF_HOME / HF_HUB_CACHE; offline with
+HF_HUB_OFFLINE=1 it must be there already) and read from there.
 
 writes the directory `segvit_jax.checkpoint.export_params` describes (params/, config.json,
 config.py, meta.json with class names, palette, source file and the tensors ignored), which
@@ -36,6 +41,7 @@ from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
 FORMAT = 'segvit_jax.convert/1'
+HF_SCHEME = 'hf://'
 
 # Tensors that have no counterpart in segvit_jax, on purpose (regular expressions).
 IGNORED = (
@@ -258,10 +264,39 @@ def load_torch_checkpoint(path: str, config=None, allow_pickle: bool = False):
 # Command line.
 
 
+def resolve_source(src: str) -> str:
+  """The local path of `src`: itself, or for hf://OWNER/REPO/FILE the file in huggingface_hub's
+  cache (downloaded there first unless HF_HUB_OFFLINE is set). Raises UserError."""
+  if not src.startswith(HF_SCHEME):
+    return src
+  parts = src[len(HF_SCHEME):].split('/')
+  if len(parts) < 3 or not all(parts):
+    raise UserError(f'{src}: expected hf://OWNER/REPO/FILE, e.g. '
+                    'hf://Akide/SegViTv1/ade_51.3.pth.')
+  repo_id, filename = '/'.join(parts[:2]), '/'.join(parts[2:])
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    from huggingface_hub import errors as hf_errors  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"{src} needs huggingface_hub, which is not installed: pip install "
+                    "'segvit_jax[hf]' (or huggingface_hub).") from e
+  try:
+    return huggingface_hub.hf_hub_download(repo_id, filename)
+  except hf_errors.LocalEntryNotFoundError as e:
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    raise UserError(f'{src} is not in the Hugging Face cache ({cache}) and cannot be downloaded '
+                    'now (HF_HUB_OFFLINE=1, or no connection).') from e
+  except (hf_errors.EntryNotFoundError, hf_errors.RepositoryNotFoundError,
+          hf_errors.RevisionNotFoundError) as e:
+    raise UserError(f'{src}: no such file in the Hugging Face repository {repo_id} '
+                    f'({type(e).__name__}).') from e
+
+
 def convert_to_dir(src: str, dst: str, config=None, allow_pickle: bool = False) -> str:
-  """Converts `src` and writes `dst`; returns a one-line summary. Raises UserError."""
+  """Converts `src` (a path or hf://OWNER/REPO/FILE) and writes `dst`; returns a one-line
+  summary. Raises UserError."""
   checkpoint.check_new_directory(dst)
-  params, config, info = convert_checkpoint(src, config, allow_pickle)
+  params, config, info = convert_checkpoint(resolve_source(src), config, allow_pickle)
   checkpoint.export_params(dst, params, config, info)
   m = config.model
   backbone, head = segvit.param_counts(params)

@@ -4,7 +4,9 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
     python -m segvit_jax.predict --checkpoint=runs/demo val/ --output=/tmp/out --tta --scores
 
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
-latest step; the config comes from WORKDIR/config.json unless `--config` is given). INPUTs are
+latest step; the config comes from WORKDIR/config.json unless `--config` is given).
+`--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead (`segvit_jax.exported`:
+images resized to the artifact's size, whole-image inference, no TTA). INPUTs are
 image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
 .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
 reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
@@ -497,18 +499,24 @@ def _define_flags() -> None:
       'bucket', None, 'Side multiple of the input shape buckets (default: the eval window in '
       'slide mode, config.dataset.eval_bucket in whole mode).')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+  flags.DEFINE_string('exported', None, 'A segvit-export --format=stablehlo artifact to run '
+                      'instead of a checkpoint (each image resized to its size; see '
+                      'segvit_jax.exported).')
 
 
-USAGE = ('python -m segvit_jax.predict --checkpoint=DIR INPUT... --output=OUT [--tta] '
-         '[--batch_size=N] [--scores]')
+USAGE = ('python -m segvit_jax.predict --checkpoint=DIR|--exported=PATH INPUT... --output=OUT '
+         '[--tta] [--batch_size=N] [--scores]')
 
 
 def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
   inputs = list(argv[1:])
-  for name, what in (('checkpoint', 'DIR'), ('output', 'OUT')):
-    if not f[name].value:
-      raise UserError(f'--{name}={what} is required: {USAGE}')
+  if bool(f.checkpoint) == bool(f.exported):
+    raise UserError(f'give one of --checkpoint=DIR and --exported=PATH: {USAGE}')
+  if f.exported and (f.tta or f.config):
+    raise UserError('--tta and --config need --checkpoint: an exported model is fixed.')
+  if not f.output:
+    raise UserError(f'--output=OUT is required: {USAGE}')
   if not inputs:
     raise UserError(f'no INPUT images or folders given: {USAGE}')
   if f.batch_size < 1:
@@ -520,11 +528,16 @@ def main(argv: Sequence[str]) -> int:
     raise UserError(str(e)) from e
   if not sources:
     raise UserError(f'no images found in {inputs} (extensions {", ".join(IMAGE_EXTENSIONS)}).')
-  predictor = load(f.checkpoint, f.config)
   summary = Summary()
-  segment(sources, predictor, tta=f.tta, batch_size=f.batch_size, scores=f.scores,
-          scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket, output=f.output,
-          progress=f.progress, summary=summary, keep_results=False)
+  if f.exported:
+    from segvit_jax import exported  # pylint: disable=g-import-not-at-top
+    exported.segment_files(f.exported, sources, f.output, batch_size=f.batch_size,
+                           scores=f.scores, scores_dtype=np.dtype(f.scores_dtype),
+                           summary=summary)
+  else:
+    segment(sources, load(f.checkpoint, f.config), tta=f.tta, batch_size=f.batch_size,
+            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket,
+            output=f.output, progress=f.progress, summary=summary, keep_results=False)
   for name, reason in summary.skipped:
     print(f'Skipped {name}: {reason}', file=sys.stderr)
   print(summary.line(), flush=True)

@@ -29,6 +29,7 @@ from segvit_jax.models import segvit
 from segvit_jax.models import vit as jax_vit
 from segvit_jax.models import vit_pretrained
 import segvit_reference as ref
+import test_zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 7
@@ -44,9 +45,9 @@ def get_config():
 '''
 
 
-def run_cli(*args):
+def run_cli(*args, **env_vars):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             JAX_PLATFORMS='cpu')
+             JAX_PLATFORMS='cpu', **env_vars)
   return subprocess.run([sys.executable, '-m', 'segvit_jax.convert', *map(str, args)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -84,13 +85,18 @@ def assert_nothing_written(dst):
 # The happy paths.
 
 
-def test_cli_reads_the_architecture_from_meta(files):
+def test_cli_reads_the_architecture_from_meta(files, tmp_path):
   model, paths = files
   dst = paths['dir'] / 'from_meta'
-  proc = run_cli(paths['mmcv'], dst)
+  # The file as hf://Akide/SegViTv1/FILE, from huggingface_hub's cache, offline.
+  cache = tmp_path / 'hub'
+  cached = test_zoo.fake_hf_cache(cache, 'segvit.pth', paths['mmcv'].read_bytes())
+  proc = run_cli('hf://Akide/SegViTv1/segvit.pth', dst, HF_HUB_CACHE=str(cache),
+                 HF_HUB_OFFLINE='1')
   assert proc.returncode == 0, proc.stderr[-3000:]
   # One line for a one-line result: the libraries' INFO logs are off by default.
   assert len(proc.stdout.splitlines()) == 1 and 'segvit, ViT 64x4' in proc.stdout
+  assert proc.stdout.startswith(f'Converted hf://Akide/SegViTv1/segvit.pth -> {dst}: ')
   assert proc.stderr == ''
   assert sorted(os.listdir(dst)) == ['config.json', 'config.py', 'meta.json', 'params']
 
@@ -107,6 +113,7 @@ def test_cli_reads_the_architecture_from_meta(files):
   assert tuple(config.convert.class_names) == tuple(f'c{i}' for i in range(K))
   assert [list(c) for c in config.convert.palette][1] == [10, 0, 254]
   meta = json.loads((dst / 'meta.json').read_text())
+  assert meta['source'] == str(cached)
   assert meta['class_names'][3] == 'c3' and meta['palette'][2] == [20, 0, 253]
   assert len(meta['ignored']) == 1 and 'loss_decode.criterion.empty_weight' in meta['ignored'][0]
   # The config.py next to the parameters gives the same config (for --config=DST/config.py).

@@ -117,7 +117,7 @@ def test_metadata_declares_ranges_that_admit_the_lock(installed, repo_root):
   """The package declares version ranges (pip fits it into an existing environment), and every
   exact pin of requirements*.txt (what `make` installs and the tests run on) lies in them."""
   by_extra = _requires_dist(installed)
-  assert set(by_extra) == {None, 'torch', 'convert', 'tpu', 'test'}
+  assert set(by_extra) == {None, 'torch', 'convert', 'tpu', 'test', 'export', 'hf'}
   declared = {r.name: r for requirements in by_extra.values() for r in requirements}
   assert all(not any(s.operator == '==' for s in r.specifier) for r in declared.values())
   assert {'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu',

@@ -99,7 +99,7 @@ def backbone(c: ml_collections.ConfigDict, attention: str = 'xla', **kwargs
       out_indices=tuple(c.out_indices), drop_path_rate=c.drop_path_rate,
       shrink_index=c.shrink_index if c.name == 'segvit_shrunk' else -1,
       remat=remat_policy(c), attention=attention, scan_unroll=c.get('scan_unroll', 1),
-      dtype=jnp.dtype(c.dtype), **kwargs)
+      dtype=jnp.dtype(c.dtype), gelu_erf=c.get('gelu_erf', 'lax'), **kwargs)
 
 
 def check_model_config(c: ml_collections.ConfigDict) -> None:
@@ -127,6 +127,8 @@ def check_model_config(c: ml_collections.ConfigDict) -> None:
   if c.dtype not in ('float32', 'bfloat16'):
     fail('dtype', f'{c.dtype!r} is not float32 or bfloat16.')
   remat_policy(c)
+  if c.get('gelu_erf', 'lax') not in vit.GELU_ERFS:
+    fail('gelu_erf', f'{c.gelu_erf!r} is not one of {vit.GELU_ERFS}.')
   unroll = c.get('scan_unroll', 1)
   if not isinstance(unroll, int) or unroll < 1:
     fail('scan_unroll', f'{unroll!r} must be a positive integer (blocks per scan iteration).')

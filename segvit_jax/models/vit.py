@@ -29,19 +29,46 @@ Dtype = Any
 VIT_LN_EPS = 1e-6  # mmseg's ViT builds LN with eps 1e-6; the heads use PyTorch's 1e-5.
 
 
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (and +-1 beyond, in float32): Eigen's rational
+# approximation of float erf, within 5e-7 of jax.lax.erf. Written out in multiplies and adds for
+# StableHLO consumers older than jax: jax serialises lax.erf as a `chlo.erf` composite, which
+# TensorFlow 2.21's XlaCallModule (StableHLO 1.13) cannot read.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+GELU_ERFS = ('lax', 'rational')
+
+
+def rational_erf(x: jnp.ndarray) -> jnp.ndarray:
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p = jnp.full_like(x, _ERF_P[0])
+  for c in _ERF_P[1:]:
+    p = p * x2 + np.asarray(c, x.dtype)
+  q = jnp.full_like(x, _ERF_Q[0])
+  for c in _ERF_Q[1:]:
+    q = q * x2 + np.asarray(c, x.dtype)
+  return x * p / q
+
+
+def gelu(x: jnp.ndarray, erf: str = 'lax') -> jnp.ndarray:
   """Exact GELU as PyTorch's nn.GELU computes it, x / 2 * (1 + erf(x / sqrt(2))).
 
   `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates about 2x slower;
-  the two differ by float rounding (< 1e-6).
+  the two differ by float rounding (< 1e-6). `erf`: 'lax' (jax.lax.erf) or 'rational'
+  (`rational_erf`, for exports to older StableHLO readers).
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(0.7071067811865476, x.dtype)))
+  erf_fn = rational_erf if erf == 'rational' else jax.lax.erf
+  return 0.5 * x * (1.0 + erf_fn(x * np.asarray(0.7071067811865476, x.dtype)))
 
 
 class Mlp(nn.Module):
   """Linear(D, 4D) -> exact GELU -> Linear(4D, D)."""
   hidden: int
   dtype: Dtype = jnp.float32
+  gelu_erf: str = 'lax'
 
   @nn.compact
   def __call__(self, x):
@@ -51,11 +78,16 @@ class Mlp(nn.Module):
     # The backward pass keeps only fc1's output and recomputes GELU inside fc2's gradient
     # fusions: saving GELU's output and its erf/exp intermediates instead wrote and read back
     # three more (B, N, 4D) arrays per block (about 3 GB per step for ViT-L at 640 on a TPU).
-    return nn.remat(_gelu_then, prevent_cse=False)(fc2, hidden)
+    gelu_then = _gelu_then_rational if self.gelu_erf == 'rational' else _gelu_then
+    return nn.remat(gelu_then, prevent_cse=False)(fc2, hidden)
 
 
 def _gelu_then(fc2: nn.Module, hidden: jnp.ndarray) -> jnp.ndarray:
   return fc2(gelu(hidden))
+
+
+def _gelu_then_rational(fc2: nn.Module, hidden: jnp.ndarray) -> jnp.ndarray:
+  return fc2(gelu(hidden, 'rational'))
 
 
 # Rematerialisation policies of the backbone blocks (config.model.remat): 'full' saves only each
@@ -81,6 +113,7 @@ class Block(nn.Module):
   shrink: bool = False
   attention: str = 'xla'
   dtype: Dtype = jnp.float32
+  gelu_erf: str = 'lax'
 
   @nn.compact
   def __call__(self, x, drop_path_rate, grid: Tuple[int, int], deterministic: bool):
@@ -95,7 +128,7 @@ class Block(nn.Module):
     else:
       y = ln1(x).astype(self.dtype)
       x = x + attention(y, y, deterministic)[0]
-    y = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, name='mlp')(
+    y = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, self.gelu_erf, name='mlp')(
         layers.layer_norm('ln2', VIT_LN_EPS)(x).astype(self.dtype))
     return x + layers.drop_path(self, y, drop_path_rate, deterministic)
 
@@ -167,7 +200,7 @@ class VisionTransformer(nn.Module):
   grid resized with PyTorch's bicubic kernel on every call, as mmseg does at run time.
   `shrink_index` >= 0 makes that block a QD block (SegViT-Shrunk). `remat`: a key of
   REMAT_POLICIES. `attention`: a `models.attention` implementation. `scan_unroll`: blocks per
-  iteration of each segment's scan.
+  iteration of each segment's scan. `gelu_erf`: one of GELU_ERFS (see `gelu`).
   """
   img_size: Tuple[int, int]
   patch_size: int = 16
@@ -182,6 +215,7 @@ class VisionTransformer(nn.Module):
   attention: str = 'xla'
   scan_unroll: int = 1
   dtype: Dtype = jnp.float32
+  gelu_erf: str = 'lax'
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -217,7 +251,8 @@ class VisionTransformer(nn.Module):
     outputs = []
     for segment in block_segments(self.depth, self.shrink_index):
       block = Block(self.num_heads, self.mlp_ratio, shrink=segment.shrink,
-                    attention=self.attention, dtype=self.dtype, name=segment.name)
+                    attention=self.attention, dtype=self.dtype, gelu_erf=self.gelu_erf,
+                    name=segment.name)
       taps = [i for i in self.out_indices if segment.start <= i < segment.stop]
       x, every = _run_segment(block, segment, x, rates, grid, not train, self.remat,
                               self.scan_unroll, keep_all=any(i < segment.stop - 1 for i in taps))
