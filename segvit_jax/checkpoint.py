@@ -299,7 +299,7 @@ def _agreed(ok: bool) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _remove_unfinished(directory: str, settle: float = 1.0, limit: float = 30.0) -> None:
+def _remove_unfinished(directory: str, settle: float = 0.5, limit: float = 30.0) -> None:
   """Removes the directories of unfinished saves ('<step>.orbax-checkpoint-tmp...', never read
   as steps by Orbax), freeing their space. TensorStore may still complete writes of a failed
   save after Orbax gave up on it, making its directories again: removed until none reappears

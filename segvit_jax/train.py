@@ -609,7 +609,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       console.say(warning)
   stop = StopRequest()
   stop.install()
-  writer = MetricsWriter(workdir)
+  writer = None  # opened once the state is there: a workdir that cannot resume stays untouched
   try:
     with jax.set_mesh(run.mesh):
       # State: resume, fine-tune or fresh.
@@ -617,6 +617,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       start = int(jax.device_get(state.step))
       if start >= int(config.num_train_steps) and fileio.exists(final_path):
         return _already_done(final_path, start)
+      writer = MetricsWriter(workdir)
       _describe_run(config, run, state.params, workdir)
       # Steps, evaluators and data.
       evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir)
@@ -644,7 +645,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     stop.uninstall()
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _already_done(final_path: str, step: int) -> dict[str, Any]:
