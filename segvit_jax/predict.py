@@ -5,8 +5,8 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
 
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
 latest step, or `--step=N`; the config comes from WORKDIR/config.json unless `--config` is
-given). A damaged step is one line naming the damaged file and the earlier step that loads. INPUTs are
-image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
+given; a damaged step is one line naming the damaged file and the earlier step that loads). INPUTs
+are image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
 .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
 reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
 the EXIF orientation applied, alpha dropped and 16-bit samples reduced to 8 bits; OpenCV's

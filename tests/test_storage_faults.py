@@ -266,3 +266,18 @@ def test_a_failed_metrics_write_is_one_line_and_leaves_whole_lines(reference, tm
   assert tiny_runs.steps(workdir) == [3]
   _train(workdir)
   _assert_resumed_exactly(workdir, reference)
+
+
+def test_start_up_warns_when_two_checkpoints_would_not_fit(tmp_path):
+  free = fileio.free_bytes(str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  huge = {'w': jax.ShapeDtypeStruct((free // 4 // 2 + 1000,), jax.numpy.float32)}
+  needed = 2 * checkpoint.state_bytes(huge)
+  warning = ckpt.space_warning(huge)
+  # The file system's free space moves with other writers: the figure is checked by its unit.
+  assert re.fullmatch(
+      rf'Warning: {re.escape(ckpt.directory)} has \S+ \S+ free, less than the '
+      rf'{re.escape(fileio.size_text(needed))} two checkpoints of this model take; saving will '
+      r'fail when the disk is full\.', warning), warning
+  assert ckpt.space_warning({'w': jax.ShapeDtypeStruct((1000,), jax.numpy.float32)}) is None
+  ckpt.close()
