@@ -9,7 +9,8 @@
   progress and results (`segvit_jax.console`), warnings and errors.
 - Orbax's own reports of a failed checkpoint write (errors logged with tracebacks by its background
   threads, and TensorStore's callbacks into its closed event loop) are left out: the run reports
-  the failure once, as the `error:` line of a `StorageError`.
+  the failure once, as the `error:` line of a `StorageError`. So are its complaints about a
+  step's damaged metadata file, which the restore reports in its own line.
 - A `UserError`, a flag that does not parse, a missing or broken config file or an unknown config
   key prints one line `error: <message>` on stderr and exits 1, before any compilation; Ctrl-C
   outside a training loop (which saves first) exits 130 with one line. Anything else is a bug
@@ -150,6 +151,12 @@ def quiet_environment() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
+# Orbax's complaints, when it lists the steps, about a step whose metadata file is damaged: the
+# restore reports that step itself, in one line naming the file, when it comes to read it.
+_ORBAX_METADATA_COMPLAINTS = ('Failed to json parse Metadata file', 'Failed to read Metadata file',
+                              'Metadata file does not exist')
+
+
 def _quiet_storage_failures() -> None:
   """See the module docstring: Orbax's echoes of a failed write go."""
   import logging as python_logging  # pylint: disable=g-import-not-at-top
@@ -157,10 +164,13 @@ def _quiet_storage_failures() -> None:
   from segvit_jax import fileio  # pylint: disable=g-import-not-at-top
 
   def echo(record: python_logging.LogRecord) -> bool:
-    library = f'{os.sep}orbax{os.sep}' in record.pathname or record.name == 'asyncio'
+    if not (f'{os.sep}orbax{os.sep}' in record.pathname or record.name == 'asyncio'):
+      return False
+    message = record.getMessage()
+    if message.startswith(_ORBAX_METADATA_COMPLAINTS):
+      return True
     error = record.exc_info[1] if record.exc_info else None
-    return library and bool(fileio.io_failure(error) if error is not None else
-                            fileio.io_failure(RuntimeError(record.getMessage())))
+    return bool(fileio.io_failure(error if error is not None else RuntimeError(message)))
 
   logging.get_absl_handler().addFilter(lambda record: not echo(record))
   unraisable = sys.unraisablehook

@@ -99,11 +99,6 @@ def test_a_truncated_newest_step_is_set_aside_and_training_continues_before_it(
 def _damages(ckdir):
   """(what, damage it, the file the message names, its reason: a regex) of step 6."""
   item = os.path.join(ckdir, '6', 'default')
-  data = sorted(glob.glob(os.path.join(item, 'ocdbt.process_0', 'd', '*')))
-
-  def flip_data():
-    for path in data:  # a byte in each data file: the arrays' bytes, zstd-compressed
-      _flip(path, os.path.getsize(path) // 3)
 
   def mix_up():  # a copy between buckets that mixed two steps: every file reads fine
     shutil.rmtree(item)
@@ -115,7 +110,6 @@ def _damages(ckdir):
       ('deleted', lambda: os.remove(os.path.join(item, 'manifest.ocdbt')), item, '.+'),
       ('flipped metadata', lambda: _flip(os.path.join(item, '_METADATA'), 0),
        f'{item}/_METADATA', r'not valid JSON: Expecting value, byte 0'),
-      ('flipped data', flip_data, item, r'.+'),
       ('mixed up', mix_up, item,
        r'the bytes of params/backbone/\S+, .* differ from the checksums saved with them'),
   ]
@@ -179,10 +173,17 @@ def test_predict_and_eval_on_a_damaged_workdir(reference, tmp_path):
   assert sorted(os.listdir(ckdir)) == ['3', '6']
 
 
+def _flip_data(ckdir, step):
+  """A byte flipped in each data file of `step`: the arrays' bytes, zstd-compressed, which
+  Orbax reads back without a check (a wrong value, or a decoding error)."""
+  for path in glob.glob(os.path.join(ckdir, str(step), 'default', 'ocdbt.process_0', 'd', '*')):
+    _flip(path, os.path.getsize(path) // 3)
+
+
 def test_no_readable_step_is_one_line_and_changes_nothing(reference, tmp_path):
   workdir, ckdir = _copy(reference, tmp_path)
-  for step in ('3', '6'):
-    _truncate(os.path.join(ckdir, step, 'default', '_sharding'))
+  _truncate(os.path.join(ckdir, '6', 'default', '_sharding'))
+  _flip_data(ckdir, 3)
 
   def snapshot():
     return {os.path.join(parent, name): os.stat(os.path.join(parent, name)).st_mtime_ns
@@ -191,11 +192,11 @@ def test_no_readable_step_is_one_line_and_changes_nothing(reference, tmp_path):
   before = snapshot()
   with pytest.raises(UserError) as info:
     _train(workdir)
-  assert str(info.value) == (
-      f'no checkpoint in {ckdir} can be read: checkpoint step 6 cannot be read '
-      f'({ckdir}/6/default/_sharding: Invalid JSON); checkpoint step 3 cannot be read '
-      f'({ckdir}/3/default/_sharding: Invalid JSON); nothing was changed: restore the files, or '
-      'choose another --workdir to start afresh.')
+  assert re.fullmatch(
+      rf'no checkpoint in {re.escape(ckdir)} can be read: checkpoint step 6 cannot be read '
+      rf'\({re.escape(ckdir)}/6/default/_sharding: Invalid JSON\); checkpoint step 3 cannot be '
+      rf'read \({re.escape(ckdir)}/3/default: [^;]+\); nothing was changed: restore the files, '
+      r'or choose another --workdir to start afresh\.', str(info.value)), str(info.value)
   assert snapshot() == before
 
 
