@@ -5,6 +5,18 @@ train state), written by `Checkpointer` asynchronously, the last N steps plus th
 Every host calls `save` / `restore`; Orbax writes each host's shards and finalises the step
 directory atomically, so a run killed mid-save leaves the previous steps intact.
 
+Storage faults lose nothing:
+- Each step records checksums of its arrays' bits (`checksums`, in the step's custom metadata),
+  because Orbax checks its own indexes but not the array bytes: a flipped byte in a data file
+  reads back as a wrong value. A step whose files cannot be read or whose values do not match is
+  damaged (`DamagedCheckpoint`): training resumes from the newest step that reads back whole and
+  sets the damaged ones aside, renamed `<step>.damaged` (kept, never read or counted again);
+  `load_params` names the damaged step and the earlier one that loads. Steps saved before the
+  checksums existed are read unchecked.
+- A save that fails (a full disk, an I/O error) is a `StorageError` naming the directory, the
+  size of a checkpoint and the space free; its half-written temporary directory is removed, so
+  the last complete step is where the rerun continues.
+
 Exported parameter directories (`python -m segvit_jax.convert` writes them; `export_params`):
 
   DIR/params/      the params tree {'backbone': ..., 'head': ...} (Orbax PyTree checkpoint)
@@ -21,22 +33,28 @@ otherwise they come back as numpy arrays on the host.
 read by `read_config` (JSON lists come back as tuples, as `config_base` writes sequences).
 """
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional, Sequence
+import time
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax import config_base
+from segvit_jax import console
 from segvit_jax import fileio
+from segvit_jax.errors import StorageError
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
@@ -46,6 +64,9 @@ BEST_METRIC = 'eval/miou'
 PARAMS_DIR = 'params'
 CONFIG_JSON = 'config.json'
 _ITEM = 'default'  # the CheckpointManager's name for its single item
+_STEP_METADATA = '_CHECKPOINT_METADATA'  # Orbax's per-step JSON, with the custom metadata
+_CHECKSUMS = 'segvit_checksums'  # our key in that custom metadata
+_DAMAGED = '.damaged'  # suffix of a step directory set aside; not a step name to Orbax
 _SHOWN = 6  # differences listed in a mismatch message
 # Orbax writes a replicated array in slices, one per replica, cutting each slice with an eager
 # `lax.slice` on device: one small program compiled per leaf shape and sharding on the first save
@@ -72,9 +93,8 @@ def get_config():
 
 
 def write_config(path: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `config` as nested JSON (tuples become lists)."""
-  with fileio.open_file(path, 'w') as f:
-    f.write(json.dumps(config.to_dict(), indent=2) + '\n')
+  """Writes `config` as nested JSON (tuples become lists), whole or not at all."""
+  fileio.replace_file(path, json.dumps(config.to_dict(), indent=2) + '\n')
 
 
 def _tuples(value: Any) -> Any:
@@ -151,6 +171,190 @@ def _saved_config_or_none(path: str) -> Optional[ml_collections.ConfigDict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Checksums and damaged steps.
+
+
+def _sums(x, xp) -> Any:
+  """(sum of the words, sum of each word times its 1-based row-major position), mod 2^32, of
+  the bits of array `x`, with `xp` = jax.numpy (device arrays) or numpy (host arrays): a flipped
+  bit changes the first, two swapped words the second. Integer sums wrap exactly in any order,
+  so every mesh and both implementations give the same figures; the positions come from iotas
+  in the array's own layout, so a sharded array is not gathered."""
+  if x.dtype == xp.bool_:
+    x = x.astype(xp.uint8)
+  words = (jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{x.dtype.itemsize * 8}'))
+           if xp is jnp else np.ascontiguousarray(x).view(f'uint{x.dtype.itemsize * 8}'))
+  words = words.astype(xp.uint32)
+  position = xp.zeros(words.shape, xp.uint32)
+  for axis, size in enumerate(words.shape):
+    iota = (jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) if xp is jnp else
+            np.arange(size, dtype=np.uint32).reshape([-1 if a == axis else 1
+                                                     for a in range(words.ndim)]))
+    position = position * xp.uint32(size) + iota
+  return xp.stack([xp.sum(words, dtype=xp.uint32),
+                   xp.sum(words * (position + xp.uint32(1)), dtype=xp.uint32)])
+
+
+# Big arrays (and arrays split over processes) are summed where they are, all by one program:
+# one program per array would make every process of a job set up its collectives once per
+# array. Smaller ones are copied to the host and summed there, which costs less than compiling
+# (measured on the tiny synthetic model: 1.8 s to compile the program of its 252 leaves on CPU).
+_device_sums = jax.jit(lambda arrays: [_sums(x, jnp) for x in arrays])
+_HOST_SUM_BYTES = 4 << 20
+
+
+def _on_host(x: Any) -> bool:
+  return not isinstance(x, jax.Array) or (
+      x.nbytes <= _HOST_SUM_BYTES and (x.is_fully_addressable or x.is_fully_replicated))
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def checksums(tree: PyTree) -> dict[str, list[int]]:
+  """'params/backbone/...' -> `_sums` of every array of `tree` (device or host arrays; the
+  state or a subtree with the same key names, e.g. {'params': ...})."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  on_host = [_on_host(x) for _, x in leaves]
+  host = jax.device_get([x for (_, x), h in zip(leaves, on_host) if h])
+  device = [x for (_, x), h in zip(leaves, on_host) if not h]
+  device = jax.device_get(_device_sums(device)) if device else []
+  host_sums = iter([_sums(np.asarray(x), np) for x in host])
+  device_sums = iter(device)
+  sums = [next(host_sums) if h else next(device_sums) for h in on_host]
+  return {'/'.join(_key_name(k) for k in path): [int(v) for v in value]
+          for (path, _), value in zip(leaves, sums)}
+
+
+def state_bytes(tree: PyTree) -> int:
+  """Bytes of the arrays of `tree` (arrays or ShapeDtypeStructs): what a checkpoint of it holds."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class DamagedCheckpoint(UserError):
+  """A step's files cannot be read back whole: `path` (a file, or the step directory) and why."""
+
+  def __init__(self, step: int, path: str, reason: str):
+    self.step, self.path, self.reason = int(step), path, reason
+    super().__init__(f'checkpoint step {step} cannot be read ({path}: {reason})')
+
+
+# TensorStore's messages name the file it failed on, the OCDBT key (the array) inside it, and end
+# with details in brackets (its spec): 'Error reading "KEY" in OCDBT database at local file
+# "DIR": REASON [tensorstore_spec=...]'.
+_FILE = re.compile(r'file "([^"]+)"(?:: ([^\[]*))?')
+_OCDBT_KEY = re.compile(r'Error reading "([^"/]+)(?:/[^"]*)?" in OCDBT database')
+
+
+def _damage(step: int, error: BaseException, fallback: str) -> Optional[DamagedCheckpoint]:
+  """The DamagedCheckpoint a failed read of `step` means; None when `error` is not a failed read
+  (a bug, or a UserError such as another model's checkpoint). `fallback`: the file being read
+  when the message names none."""
+  if isinstance(error, UserError):
+    return None
+  for e in fileio._chain(error):  # pylint: disable=protected-access
+    text = str(e)
+    found = _FILE.findall(text)
+    if found:
+      path, reason = found[-1]
+      key = _OCDBT_KEY.search(text)
+      reason = (reason.split(';')[0].strip() or fileio.io_failure(e) or 'unreadable')
+      if key:
+        reason = f'array {key.group(1)}: {reason}'
+      return DamagedCheckpoint(step, path.rstrip('/'), reason)
+    if isinstance(e, FileNotFoundError):
+      return DamagedCheckpoint(step, e.filename or fallback, 'missing')
+    if isinstance(e, json.JSONDecodeError):
+      return DamagedCheckpoint(step, fallback, f'not valid JSON: {e.msg}, byte {e.pos}')
+    if isinstance(e, UnicodeDecodeError):
+      return DamagedCheckpoint(step, fallback, f'not text (a byte 0x{e.object[e.start]:02x} at '
+                                               f'{e.start})')
+  reason = fileio.io_failure(error)
+  return None if reason is None else DamagedCheckpoint(step, fallback, reason)
+
+
+@contextlib.contextmanager
+def _reading(step: int, path: str) -> Iterator[None]:
+  """Turns a failed read of `step` (reading `path`) into DamagedCheckpoint; bugs pass."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    damage = _damage(step, e, path)
+    if damage is None:
+      raise
+    raise damage from e
+
+
+def _saved_checksums(step: int, step_dir: str) -> Optional[dict[str, list[int]]]:
+  """The checksums recorded with a step; None for a step saved before they existed. A missing or
+  unreadable metadata file is damage (Orbax itself reads it leniently: it only logs)."""
+  path = os.path.join(step_dir, _STEP_METADATA)
+  with _reading(step, path):
+    with fileio.open_file(path) as f:
+      metadata = json.load(f)
+  return (metadata.get('custom_metadata') or {}).get(_CHECKSUMS)
+
+
+def _verify(step: int, step_dir: str, tree: PyTree,
+            saved: Optional[Mapping[str, list[int]]]) -> None:
+  """Raises DamagedCheckpoint unless `tree`'s arrays have the checksums saved for them."""
+  if saved is None:
+    return
+  differ = [key for key, sums in checksums(tree).items() if saved.get(key, sums) != sums]
+  if differ:
+    raise DamagedCheckpoint(step, os.path.join(step_dir, _ITEM),
+                            f'the bytes of {_listed(differ)} differ from the checksums saved '
+                            'with them')
+
+
+def _agreed(ok: bool) -> bool:
+  """Whether every process found `ok` (a file may be damaged for one host's reads only): all
+  processes then take the same step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _remove_unfinished(directory: str, settle: float = 0.5, limit: float = 30.0) -> None:
+  """Removes the directories of unfinished saves ('<step>.orbax-checkpoint-tmp...', never read
+  as steps by Orbax), freeing their space. TensorStore may still complete writes of a failed
+  save after Orbax gave up on it, making its directories again: removed until none reappears
+  for `settle` seconds."""
+  start = quiet = time.monotonic()
+  while time.monotonic() - start < limit:
+    names = ocp.path.step.tmp_checkpoints(directory)
+    for name in names:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    now = time.monotonic()
+    if names:
+      quiet = now
+    elif now - quiet >= settle:
+      return
+    time.sleep(0.05)
+
+
+def _set_aside(directory: str, step: int) -> str:
+  """Renames step directory `step` to `<step>.damaged` (or `.damaged-2`, ...): kept, but no
+  longer a step name to Orbax (its steps are integer names) nor to `_has_step_dirs`."""
+  target = os.path.join(directory, f'{step}{_DAMAGED}')
+  n = 1
+  while fileio.exists(target):
+    n += 1
+    target = os.path.join(directory, f'{step}{_DAMAGED}-{n}')
+  if jax.process_index() == 0:
+    fileio.rename(os.path.join(directory, str(step)), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'segvit_jax: step {step} set aside')
+  return target
+
+
+# ------------------------------------------------------------------------------------------------
 # Training checkpoints.
 
 
@@ -181,11 +385,19 @@ def _write_small_arrays_whole() -> None:
 _write_small_arrays_whole()
 
 
+class Restored(NamedTuple):
+  """What `Checkpointer.restore_newest` found: a step and its state."""
+  step: int
+  state: PyTree
+
+
 class Checkpointer:
   """Saves and restores train states under `directory` (WORKDIR/checkpoints).
 
   Keeps the `keep` most recent steps plus the one with the highest `eval/miou` among the steps
-  saved with metrics (`save(..., metrics={'eval/miou': ...})`).
+  saved with metrics (`save(..., metrics={'eval/miou': ...})`). A failed save raises
+  StorageError from `save`, `wait` or `close` (Orbax reports an asynchronous save's failure at
+  the next call that waits for it).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
@@ -208,6 +420,9 @@ class Checkpointer:
     )
     self._read_only = read_only
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unfinished: Optional[int] = None  # the step of a save not known to be complete
+    self._bytes = 0  # of the last state saved
+    self._failed = False
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -220,35 +435,135 @@ class Checkpointer:
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     if self._read_only:
       raise ValueError(f'{self.directory} was opened read-only.')
-    saved = self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
-                               force=True)
+    # Now, while `state` is alive: the next train step donates its buffers.
+    sums = checksums(state)
+    self._bytes = state_bytes(state)
+    # Orbax's save waits for the previous one first: waiting here names the step that failed.
+    self.wait()
+    with self._writing(step):
+      saved = self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
+                                 force=True, custom_metadata={_CHECKSUMS: sums})
     if saved:
+      self._unfinished = int(step)
       logging.info('Saving checkpoint at step %d to %s.', step, self.directory)
+
+  @contextlib.contextmanager
+  def _writing(self, step: Optional[int]) -> Iterator[None]:
+    """Turns a failed save into StorageError after removing its half-written directory."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      reason = fileio.io_failure(e)
+      if reason is None or isinstance(e, UserError):
+        raise
+      self._failed = True
+      failed = self._unfinished if self._unfinished is not None else step
+      raise StorageError(self._save_failure(failed, reason)) from e
+
+  def _save_failure(self, step: Optional[int], reason: str) -> str:
+    with contextlib.suppress(Exception):  # the failed save's own error, again
+      self._manager.wait_until_finished()
+    if jax.process_index() == 0 and not fileio.is_url(self.directory):
+      _remove_unfinished(self.directory)
+    self._manager.reload()
+    last = self._manager.latest_step()
+    kept = (f'the last complete checkpoint, step {last}, is kept: free space, then rerun the '
+            'same command to continue from it' if last is not None else
+            'there is no complete checkpoint yet: free space, then rerun the same command')
+    return (f'cannot write the checkpoint of step {step} to {self.directory} ({reason}): a '
+            f'checkpoint of this model needs '
+            f'{fileio.size_text(self._checkpoint_bytes(last, self._bytes))}, '
+            f'{fileio.free_text(self.directory)}; {kept}.')
+
+  def _checkpoint_bytes(self, step: Optional[int], arrays: int) -> int:
+    """What one checkpoint takes: its `arrays` bytes, or the files of step `step` if more
+    (Orbax's metadata; its compression may make them less)."""
+    on_disk = 0
+    if step is not None and not fileio.is_url(self.directory):
+      for parent, _, files in os.walk(os.path.join(self.directory, str(step))):
+        on_disk += sum(os.path.getsize(os.path.join(parent, f)) for f in files)
+    return max(arrays, on_disk)
+
+  def space_warning(self, abstract_state: PyTree) -> Optional[str]:
+    """A warning line when the directory has less space free than two checkpoints of
+    `abstract_state` take; None when it has enough or cannot tell (a bucket)."""
+    free = fileio.free_bytes(self.directory)
+    needed = 2 * self._checkpoint_bytes(self.latest_step(), state_bytes(abstract_state))
+    if free is None or free >= needed:
+      return None
+    return (f'Warning: {self.directory} has {fileio.size_text(free)} free, less than the '
+            f'{fileio.size_text(needed)} two checkpoints of this model take; saving will fail '
+            'when the disk is full.')
 
   def restore(self, step: int, abstract_state: PyTree,
               config: Optional[ml_collections.ConfigDict] = None) -> PyTree:
     """The state at `step`, laid out as `abstract_state`'s shardings say.
 
     Raises UserError when the saved state does not fit `abstract_state`, naming the keys in
-    which `config` (the current one) differs from the workdir's config.json.
+    which `config` (the current one) differs from the workdir's config.json, and
+    DamagedCheckpoint when the step's files cannot be read back whole.
     """
-    item = os.path.join(self.directory, str(int(step)), _ITEM)
+    step_dir = os.path.join(self.directory, str(int(step)))
+    item = os.path.join(step_dir, _ITEM)
     workdir = (os.path.dirname(self.directory) if os.path.basename(self.directory) ==
                'checkpoints' else self.directory)
-    saved = _saved_tree(item)
+    sums = _saved_checksums(step, step_dir)
+    with _reading(step, os.path.join(item, '_METADATA')):
+      saved = _saved_tree(item)
     per_layer = _per_layer(saved.get('params', {}), config)
     target = segvit.unstack_params(abstract_state, config.model) if per_layer else abstract_state
     _check_fits(saved, target, label=workdir, kind='resume',
                 saved_config=_saved_config_or_none(os.path.join(workdir, CONFIG_JSON)),
                 config=config, sections=('model', 'optim'))
-    restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
+    with _reading(step, item):
+      restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(target))
+    _verify(step, step_dir, restored, sums)
     return segvit.stack_params(restored, config.model) if per_layer else restored
 
+  def restore_newest(self, abstract_state: PyTree,
+                     config: Optional[ml_collections.ConfigDict] = None) -> Optional[Restored]:
+    """The newest step that reads back whole (None when there is no step at all).
+
+    Newer damaged steps are then set aside, each with one line on the console. When no step
+    can be read, raises UserError and changes nothing.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      damage = None
+      try:
+        state = self.restore(step, abstract_state, config)
+      except DamagedCheckpoint as e:
+        damage = e
+      if _agreed(damage is None):
+        break
+      damaged.append(damage or DamagedCheckpoint(step, os.path.join(self.directory, str(step)),
+                                                 'unreadable on another process'))
+    else:
+      if not damaged:
+        return None
+      raise UserError(
+          f'no checkpoint in {self.directory} can be read: '
+          f'{"; ".join(str(d) for d in damaged)}; nothing was changed: restore the files, or '
+          'choose another --workdir to start afresh.')
+    for damage in damaged:
+      kept = _set_aside(self.directory, damage.step)
+      console.say(f'Warning: {damage}; continuing from step {step}; step {damage.step} is kept '
+                  f'as {kept}.')
+    if damaged:
+      self._manager.reload()
+    return Restored(step, state)
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing(None):
+      self._manager.wait_until_finished()
+    self._unfinished = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    if self._failed:  # reported; Orbax would raise the same failure again
+      with contextlib.suppress(Exception):
+        self._manager.close()
+      return
+    self.wait()
     self._manager.close()
 
 
@@ -333,8 +648,23 @@ def export_params(directory: str, params: PyTree, config: ml_collections.ConfigD
 # Loading parameters (either kind).
 
 
-def _locate(path: str, flag: Optional[str]) -> tuple[str, str, str]:
-  """(kind 'exported' | 'training', the params' item directory, the config.json path)."""
+class _Located(NamedTuple):
+  kind: str  # 'exported' | 'training'
+  root: str  # the exported directory, or the folder of step folders
+  steps: list[int]  # a training workdir's finished steps, ascending
+  step: int  # the step to read (0 for an exported directory)
+  config_path: str
+
+  def item(self, step: Optional[int] = None) -> str:
+    """The Orbax item directory of the params (of `step`, default the one to read)."""
+    if self.kind == 'exported':
+      return os.path.join(self.root, PARAMS_DIR)
+    return os.path.join(self.root, str(self.step if step is None else step), _ITEM)
+
+
+def _locate(path: str, flag: Optional[str], step: int = 0,
+            step_flag: Optional[str] = None) -> _Located:
+  """Where the params of `path` are: its latest step, or `step` when nonzero."""
   label = f'{flag}={path}' if flag else path
   path = fileio.absolute(path)  # Orbax takes absolute paths only
   expected = ('expected a directory written by `python -m segvit_jax.convert` or a training '
@@ -347,18 +677,24 @@ def _locate(path: str, flag: Optional[str]) -> tuple[str, str, str]:
                       f'python -m segvit_jax.convert {path} DIR')
     raise UserError(f'{label} is a file, not a checkpoint directory; {expected}.')
   if is_exported(path):
-    return 'exported', os.path.join(path, PARAMS_DIR), os.path.join(path, CONFIG_JSON)
+    if step:
+      raise UserError(f'{step_flag or "step"}={step}: {label} is an exported directory, which '
+                      'has no steps; leave it out.')
+    return _Located('exported', path, [], 0, os.path.join(path, CONFIG_JSON))
   root = training_checkpoint_root(path)
   if root is None:
     if fileio.isdir(os.path.join(path, 'checkpoints')):
       raise UserError(f'{label} has no finished checkpoint yet (checkpoints/ holds no step).')
     raise UserError(f'{label} is neither a directory written by segvit_jax.convert (params/ and '
                     'config.json) nor a training workdir (checkpoints/<step>/).')
-  steps = ocp.path.step.checkpoint_steps(root)
+  steps = sorted(ocp.path.step.checkpoint_steps(root))
   if not steps:
     raise UserError(f'{label} has no finished checkpoint step in {root}.')
+  if step and step not in steps:
+    raise UserError(f'{step_flag or "step"}={step}: {label} has no such step; its steps are '
+                    f'{", ".join(map(str, steps))}.')
   config_path = os.path.join(os.path.dirname(fileio.absolute(root)), CONFIG_JSON)
-  return 'training', os.path.join(root, str(max(steps)), _ITEM), config_path
+  return _Located('training', root, steps, step or steps[-1], config_path)
 
 
 def saved_config(path: str, flag: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -367,7 +703,7 @@ def saved_config(path: str, flag: Optional[str] = None) -> ml_collections.Config
   Raises UserError when there is none (or only the flat layout of older versions), saying to
   pass --config; `flag` names the command-line flag `path` came from, for the messages.
   """
-  _, _, config_path = _locate(path, flag)
+  config_path = _locate(path, flag).config_path
   if not fileio.exists(config_path):
     label = f'{flag}={path}' if flag else path
     raise UserError(f'{label} has no config.json: pass --config=configs/<name>.py (the config it '
@@ -375,16 +711,17 @@ def saved_config(path: str, flag: Optional[str] = None) -> ml_collections.Config
   return read_config(config_path)
 
 
-def params_step(path: str) -> int:
-  """The training step of the params `load_params(path, ...)` loads: the latest finished step of
-  a workdir, 0 for an exported directory."""
-  kind, item, _ = _locate(path, None)
-  return int(os.path.basename(os.path.dirname(item))) if kind == 'training' else 0
+def params_step(path: str, step: int = 0) -> int:
+  """The training step of the params `load_params(path, ..., step=step)` loads: `step` or the
+  latest finished step of a workdir, 0 for an exported directory."""
+  return _locate(path, None, step).step
 
 
 def load_params(path: str, abstract_params: PyTree, *,
                 config: Optional[ml_collections.ConfigDict] = None,
-                flag: Optional[str] = None) -> tuple[PyTree, Optional[ml_collections.ConfigDict]]:
+                flag: Optional[str] = None, step: int = 0,
+                step_flag: Optional[str] = None
+                ) -> tuple[PyTree, Optional[ml_collections.ConfigDict]]:
   """(params, saved config) of an exported directory or a training workdir (latest step).
 
   Args:
@@ -394,20 +731,51 @@ def load_params(path: str, abstract_params: PyTree, *,
     config: the config `abstract_params` were built from: a mismatch is then reported as the
       config keys in which it differs from the saved config.json.
     flag: the flag or config key `path` came from ('config.init_checkpoint'), for messages.
+    step: the step of a training workdir to read; 0: its latest.
+    step_flag: the flag or config key that sets `step` ('--config.restore_step'), for messages.
 
   Returns the params and the config stored with them (None when there is none in the current
-  layout). Raises UserError for a path that is not a checkpoint or does not fit.
+  layout). Raises UserError for a path that is not a checkpoint or does not fit, and for a
+  damaged step, naming the earlier step that loads and how to ask for it.
   """
-  kind, item, config_path = _locate(path, flag)
-  saved = _saved_config_or_none(config_path)
-  tree = _saved_tree(item)
-  if kind == 'training':
+  label = f'{flag}={path}' if flag else path
+  where = _locate(path, flag, step, step_flag)
+  saved = _saved_config_or_none(where.config_path)
+  try:
+    params = _read_params(where, where.step, abstract_params, config, label)
+  except DamagedCheckpoint as damage:
+    earlier = None
+    for candidate in reversed([s for s in where.steps if s < where.step]):
+      try:
+        _read_params(where, candidate, abstract_params, config, label)
+        earlier = candidate
+        break
+      except DamagedCheckpoint:
+        continue
+    fix = (f'step {earlier} loads: add {step_flag or "step"}={earlier}' if earlier is not None
+           else 'no earlier step loads either')
+    raise UserError(f'{label}: {damage}; {fix}.') from damage
+  logging.info('Loaded the params of %s.', where.item())
+  return params, saved
+
+
+def _read_params(where: _Located, step: int, abstract_params: PyTree,
+                 config: Optional[ml_collections.ConfigDict], label: str) -> PyTree:
+  """The params of `step` of `where`, checked against their checksums; DamagedCheckpoint when
+  its files cannot be read back whole."""
+  training = where.kind == 'training'
+  item = where.item(step)
+  sums = _saved_checksums(step, os.path.dirname(item)) if training else None
+  with _reading(step, os.path.join(item, '_METADATA')):
+    tree = _saved_tree(item)
+  if training:
     tree = tree.get('params', {})
   per_layer = _per_layer(tree, config)
   if per_layer:
     abstract_params = segvit.unstack_params(abstract_params, config.model)
-  _check_fits(tree, abstract_params, label=f'{flag}={path}' if flag else path, kind=kind,
-              saved_config=saved, config=config, sections=('model',))
+  _check_fits(tree, abstract_params, label=label, kind=where.kind,
+              saved_config=_saved_config_or_none(where.config_path), config=config,
+              sections=('model',))
   shardings = [getattr(x, 'sharding', None) for x in jax.tree.leaves(abstract_params)]
   if all(s is not None for s in shardings):
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
@@ -416,14 +784,15 @@ def load_params(path: str, abstract_params: PyTree, *,
   else:
     restore_args = jax.tree.map(
         lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), abstract_params)
-  wrap = (lambda t: {'params': t}) if kind == 'training' else (lambda t: t)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  wrap = (lambda t: {'params': t}) if training else (lambda t: t)
+  with _reading(step, item), ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
         item=wrap(abstract_params), restore_args=wrap(restore_args),
-        partial_restore=kind == 'training'))
-  logging.info('Loaded the params of %s.', item)
-  params = restored['params'] if kind == 'training' else restored
-  return (segvit.stack_params(params, config.model) if per_layer else params), saved
+        partial_restore=training))
+  if training:
+    _verify(step, os.path.dirname(item), {'params': restored['params']}, sums)
+  params = restored['params'] if training else restored
+  return segvit.stack_params(params, config.model) if per_layer else params
 
 
 def _per_layer(saved_params: Mapping[str, Any],

@@ -7,6 +7,10 @@
 - Libraries' INFO logs (absl, Orbax, JAX) are off unless --verbosity is given, and TensorFlow's
   C++ banners unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set: a run prints its own
   progress and results (`segvit_jax.console`), warnings and errors.
+- Orbax's own reports of a failed checkpoint write (errors logged with tracebacks by its background
+  threads, and TensorStore's callbacks into its closed event loop) are left out: the run reports
+  the failure once, as the `error:` line of a `StorageError`. So are its complaints about a
+  step's damaged metadata file, which the restore reports in its own line.
 - A `UserError`, a flag that does not parse, a missing or broken config file or an unknown config
   key prints one line `error: <message>` on stderr and exits 1, before any compilation; Ctrl-C
   outside a training loop (which saves first) exits 130 with one line. Anything else is a bug
@@ -147,6 +151,40 @@ def quiet_environment() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
+# Orbax's complaints, when it lists the steps, about a step whose metadata file is damaged: the
+# restore reports that step itself, in one line naming the file, when it comes to read it.
+_ORBAX_METADATA_COMPLAINTS = ('Failed to json parse Metadata file', 'Failed to read Metadata file',
+                              'Metadata file does not exist')
+
+
+def _quiet_storage_failures() -> None:
+  """See the module docstring: Orbax's echoes of a failed write go."""
+  import logging as python_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from segvit_jax import fileio  # pylint: disable=g-import-not-at-top
+
+  def echo(record: python_logging.LogRecord) -> bool:
+    if not (f'{os.sep}orbax{os.sep}' in record.pathname or record.name == 'asyncio'):
+      return False
+    message = record.getMessage()
+    if message.startswith(_ORBAX_METADATA_COMPLAINTS):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return bool(fileio.io_failure(error if error is not None else RuntimeError(message)))
+
+  logging.get_absl_handler().addFilter(lambda record: not echo(record))
+  unraisable = sys.unraisablehook
+
+  def hook(info):
+    # TensorStore completes the writes still in flight after Orbax closed the event loop of a
+    # failed save; their callbacks find the loop closed. Nothing is lost: the save failed.
+    if not (isinstance(info.exc_value, RuntimeError) and
+            str(info.exc_value) == 'Event loop is closed'):
+      unraisable(info)
+
+  sys.unraisablehook = hook
+
+
 def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
   """absl's app.run(main) with the behaviour of the module docstring."""
   quiet_environment()
@@ -168,6 +206,7 @@ def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
+    _quiet_storage_failures()
     from segvit_jax import platforms  # pylint: disable=g-import-not-at-top
     platforms.skip_absent_tpu()
     try:

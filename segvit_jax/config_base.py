@@ -149,6 +149,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # axis:size pairs over data / fsdp / model; -1 takes the remaining devices
   config.mesh = 'data:-1'
   config.init_checkpoint = ''  # a directory written by `segvit_jax.convert` (or a training workdir)
+  # The step of the training workdir read by --mode=eval (config.init_checkpoint or WORKDIR) and
+  # by fine-tuning from config.init_checkpoint; 0: its latest.
+  config.restore_step = 0
   config.pretrained_backbone = ''  # AugReg ViT `.npz` or mmseg `vit_*_p16_384*.pth`, for training
 
   config.model = _model_defaults()

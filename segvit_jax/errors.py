@@ -14,6 +14,13 @@ class UserError(ValueError):
   """A mistake in the user's input; the message is one line that names it and the fix."""
 
 
+class StorageError(UserError):
+  """A file of the run could not be written (a full disk, an I/O error). The message is one line
+  naming the path, the reason and the space there; what was completely written before is kept,
+  so the command line leaves the workdir as it is and the same command continues after the
+  storage is fixed."""
+
+
 _TENSORFLOW_MODULES = ('tensorflow', 'tensorflow_datasets')
 
 

@@ -11,6 +11,7 @@ mIoU picks the best checkpoint and fills final_metrics.json. Inference follows `
 """
 
 import dataclasses
+import io
 import json
 import os
 import time
@@ -125,8 +126,9 @@ class FigureEvaluator:
     rows = self._rows(params)
     if rows and jax.process_index() == 0:
       figure = visualize.predictions_figure(rows, *self._classes)
-      with fileio.open_file(self.path, 'wb') as f:
-        figure.save(f, format='PNG')
+      png = io.BytesIO()
+      figure.save(png, format='PNG')
+      fileio.replace_file(self.path, png.getvalue())
     return {'path': self.path, 'images': len(rows)}
 
   @staticmethod
@@ -220,8 +222,7 @@ def write_final(entries: list[Entry], results: dict, path: str, step: int,
     if isinstance(entry.evaluator, MiouEvaluator) and 'metrics_file' not in out:
       final = {'step': int(step), **extra, **_json_ready(result)}
       if jax.process_index() == 0:
-        with fileio.open_file(path, 'w') as f:
-          json.dump(final, f, indent=1)
+        fileio.replace_file(path, json.dumps(final, indent=1))
       out.update({f'{entry.name}/{k}': final[k] for k in ('miou', 'macc', 'aacc')})
       out['metrics_file'] = path
     elif isinstance(entry.evaluator, FigureEvaluator) and result['images']:

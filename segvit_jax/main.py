@@ -10,7 +10,9 @@ Any config key can be overridden as --config.key=value. In train mode the run co
 latest checkpoint in WORKDIR/checkpoints if there is one. Exit status: 0 when done or preempted
 (SIGTERM: the current step is saved first), 130 after Ctrl-C (the current step is saved first;
 a second Ctrl-C stops at once), 1 for a configuration or input the run cannot use (one line
-`error: ...`, before anything is compiled) and when the loss became non-finite.
+`error: ...`, before anything is compiled), when the loss became non-finite and when a file of
+the run could not be written (a full disk: one line; the workdir keeps its last complete
+checkpoint, from which the same command continues).
 """
 
 import os
@@ -23,6 +25,7 @@ from ml_collections import config_flags
 
 from segvit_jax import cli
 from segvit_jax import fileio
+from segvit_jax.errors import StorageError
 from segvit_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,7 +92,8 @@ def _run(config, workdir: str) -> dict:
     if _MODE.value == 'eval':
       return train.evaluate_checkpoint(config, workdir)
     return train.train_and_evaluate(config, workdir)
-  except train.NonFiniteLossError as e:
+  except (train.NonFiniteLossError, StorageError) as e:
+    # Raised mid-run, possibly on this process alone; the workdir is kept as it is.
     print(f'error: {e}', file=sys.stderr, flush=True)
     _exit(1)
   except (UserError, KeyboardInterrupt):

@@ -4,10 +4,11 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
     python -m segvit_jax.predict --checkpoint=runs/demo val/ --output=/tmp/out --tta --scores
 
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
-latest step; the config comes from WORKDIR/config.json unless `--config` is given).
+latest step, or `--step=N`; the config comes from WORKDIR/config.json unless `--config` is
+given; a damaged step is one line naming the damaged file and the earlier step that loads).
 `--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead (`segvit_jax.exported`:
-images resized to the artifact's size, whole-image inference, no TTA). INPUTs are
-image files (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
+images resized to the artifact's size, whole-image inference, no TTA). INPUTs are image files
+(JPEG, PNG, anything Pillow reads) and folders (searched recursively for
 .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
 reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
 the EXIF orientation applied, alpha dropped and 16-bit samples reduced to 8 bits; OpenCV's
@@ -50,6 +51,7 @@ about 7 GB); downscale very large photos before predicting if that is too much.
 """
 
 import dataclasses
+import io
 import os
 import sys
 import time
@@ -65,6 +67,7 @@ from PIL import Image
 
 from segvit_jax import cli
 from segvit_jax import evaluate
+from segvit_jax import fileio
 from segvit_jax import mmseg_rules
 from segvit_jax import visualize
 from segvit_jax.errors import UserError
@@ -78,13 +81,14 @@ DEFAULT_OUTPUT_BUCKET = 256
 # Loading a checkpoint.
 
 
-def load_checkpoint(path: str, config: Optional[Any] = None):
+def load_checkpoint(path: str, config: Optional[Any] = None, step: int = 0):
   """(model, variables, config) of an exported directory or a training workdir.
 
   Args:
     path: a `segvit_jax.convert` output, a training workdir, or its `checkpoints/` folder.
     config: a ConfigDict or a config file (configs/*.py or a config.json) to use instead of
       the one stored with the checkpoint (required for a workdir without config.json).
+    step: the step of a training workdir; 0: its latest.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
@@ -95,7 +99,8 @@ def load_checkpoint(path: str, config: Optional[Any] = None):
     config = checkpoint_lib.saved_config(path, flag='--checkpoint')
   model = segvit.build_model(config.model)
   abstract = nn.unbox(segvit.abstract_params(model))
-  params, _ = checkpoint_lib.load_params(path, abstract, config=config, flag='--checkpoint')
+  params, _ = checkpoint_lib.load_params(path, abstract, config=config, flag='--checkpoint',
+                                         step=step, step_flag='--step')
   return model, {'params': jax.tree.map(jnp.asarray, params)}, config
 
 
@@ -266,9 +271,9 @@ class Predictor:
     return fn(self.variables, images, image_size, scaled_size, label_size)
 
 
-def load(checkpoint: str, config: Optional[Any] = None) -> Predictor:
+def load(checkpoint: str, config: Optional[Any] = None, step: int = 0) -> Predictor:
   """A Predictor of a converted directory or a training workdir (see `load_checkpoint`)."""
-  model, variables, config = load_checkpoint(checkpoint, config)
+  model, variables, config = load_checkpoint(checkpoint, config, step)
   return Predictor(model, variables, config, source=checkpoint)
 
 
@@ -310,21 +315,29 @@ def find_inputs(inputs: Sequence[str], exclude: Optional[str] = None) -> List[Tu
 
 
 def write_outputs(output: str, name: str, result: Mapping[str, Any]) -> None:
-  """labels/<name>.png, overlays/<name>.png and, when present, scores/<name>.npy under output."""
+  """labels/<name>.png, overlays/<name>.png and, when present, scores/<name>.npy under output;
+  each file whole or not at all (`fileio.replace_file`)."""
   labels = result['labels']
-  kinds = [('labels', '.png'), ('overlays', '.png')]
+  images = {'labels': (Image.fromarray(labels.astype(np.uint8), mode='L')
+                       if labels.max(initial=0) < 256 else
+                       Image.fromarray(labels.astype(np.uint16))),
+            'overlays': Image.fromarray(result['overlay'])}
+  for kind, image in images.items():
+    png = io.BytesIO()
+    image.save(png, format='PNG')
+    _write(os.path.join(output, kind, name + '.png'), png.getvalue())
   if result.get('scores') is not None:
-    kinds.append(('scores', '.npy'))
-  paths = {kind: os.path.join(output, kind, name + ext) for kind, ext in kinds}
-  for path in paths.values():
+    npy = io.BytesIO()
+    np.save(npy, result['scores'])
+    _write(os.path.join(output, 'scores', name + '.npy'), npy.getvalue())
+
+
+def _write(path: str, data: bytes) -> None:
+  try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  if labels.max(initial=0) < 256:
-    Image.fromarray(labels.astype(np.uint8), mode='L').save(paths['labels'])
-  else:
-    Image.fromarray(labels.astype(np.uint16)).save(paths['labels'])
-  Image.fromarray(result['overlay']).save(paths['overlays'])
-  if 'scores' in paths:
-    np.save(paths['scores'], result['scores'])
+  except OSError as e:
+    raise fileio.cannot_write(path, e) from e
+  fileio.replace_file(path, data)
 
 
 @dataclasses.dataclass
@@ -490,6 +503,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, scores/).')
   flags.DEFINE_string('config', None,
                       "Config file (configs/*.py or config.json) instead of the checkpoint's.")
+  flags.DEFINE_integer('step', 0, 'The step of a training workdir to read; 0: its latest.')
   flags.DEFINE_bool('tta', False, 'Multi-scale + flip test-time augmentation.')
   flags.DEFINE_integer('batch_size', 1, 'Images per model call (same shape bucket).')
   flags.DEFINE_bool('scores', False, 'Also write (H, W, K) class probabilities (.npy).')
@@ -513,8 +527,8 @@ def main(argv: Sequence[str]) -> int:
   inputs = list(argv[1:])
   if bool(f.checkpoint) == bool(f.exported):
     raise UserError(f'give one of --checkpoint=DIR and --exported=PATH: {USAGE}')
-  if f.exported and (f.tta or f.config):
-    raise UserError('--tta and --config need --checkpoint: an exported model is fixed.')
+  if f.exported and (f.tta or f.config or f.step):
+    raise UserError('--tta, --config and --step need --checkpoint: an exported model is fixed.')
   if not f.output:
     raise UserError(f'--output=OUT is required: {USAGE}')
   if not inputs:
@@ -535,7 +549,7 @@ def main(argv: Sequence[str]) -> int:
                            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype),
                            summary=summary)
   else:
-    segment(sources, load(f.checkpoint, f.config), tta=f.tta, batch_size=f.batch_size,
+    segment(sources, load(f.checkpoint, f.config, f.step), tta=f.tta, batch_size=f.batch_size,
             scores=f.scores, scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket,
             output=f.output, progress=f.progress, summary=summary, keep_results=False)
   for name, reason in summary.skipped:

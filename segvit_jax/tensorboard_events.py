@@ -25,7 +25,8 @@ def available() -> bool:
 
 
 class EventFile:
-  """Appends scalar summaries to WORKDIR/events.out.tfevents.<time>.<host>, flushed per write."""
+  """Appends scalar summaries to WORKDIR/events.out.tfevents.<time>.<host>, flushed per write;
+  a write that fails leaves no part of its record (`fileio.AppendFile`)."""
 
   def __init__(self, logdir: str, now: Optional[float] = None):
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
@@ -33,7 +34,7 @@ class EventFile:
     now = time.time() if now is None else now
     fileio.makedirs(logdir)
     self.path = os.path.join(logdir, f'events.out.tfevents.{int(now)}.{socket.gethostname()}')
-    self._records = record_writer.RecordWriter(fileio.open_file(self.path, 'ab'))
+    self._records = record_writer.RecordWriter(fileio.AppendFile(self.path))
     self._add(event_pb2.Event(wall_time=now, file_version='brain.Event:2'))
 
   def _add(self, event) -> None:

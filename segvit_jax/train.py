@@ -294,10 +294,11 @@ class PendingMetrics:
 
 class JsonlFile:
   """Appends one JSON object per write to a file: {'step': s, name: value, ...}, NaN as null,
-  flushed at once so that a killed run keeps every line it wrote."""
+  flushed at once so that a killed run keeps every line it wrote; a write that fails (a full
+  disk) leaves no part of its line (`fileio.AppendFile`) and raises StorageError."""
 
   def __init__(self, path: str):
-    self._file = fileio.open_file(path, 'a')
+    self._file = fileio.AppendFile(path)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     record = {'step': int(step)}
@@ -449,8 +450,9 @@ def setup(config: ml_collections.ConfigDict,
 def _load_params(path: str, run: Setup, config: ml_collections.ConfigDict) -> PyTree:
   """Params of an exported directory or a training workdir, laid out as the state's; a converted
   checkpoint's class names and palette carry over to `config` (for tables and pictures)."""
-  params, saved = checkpoint_lib.load_params(path, run.spec.abstract.params, config=config,
-                                             flag='config.init_checkpoint')
+  params, saved = checkpoint_lib.load_params(
+      path, run.spec.abstract.params, config=config, flag='config.init_checkpoint',
+      step=int(config.restore_step), step_flag='--config.restore_step')
   if saved is not None and saved.get('convert') and not config.get('convert'):
     with config.unlocked():
       config.convert = saved.convert
@@ -459,12 +461,12 @@ def _load_params(path: str, run: Setup, config: ml_collections.ConfigDict) -> Py
 
 def _initial_state(config: ml_collections.ConfigDict, run: Setup,
                    ckpt: checkpoint_lib.Checkpointer) -> TrainState:
-  """The latest checkpoint of the workdir, else a fresh state (params from
+  """The newest readable checkpoint of the workdir, else a fresh state (params from
   config.init_checkpoint or config.pretrained_backbone when set)."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    console.say(f'Resuming from {ckpt.directory}, step {latest}.')
-    return ckpt.restore(latest, run.spec.abstract, config=config)
+  restored = ckpt.restore_newest(run.spec.abstract, config=config)
+  if restored is not None:
+    console.say(f'Resuming from {ckpt.directory}, step {restored.step}.')
+    return restored.state
   if config.init_checkpoint:  # fine-tune: params from elsewhere, a fresh optimizer
     console.say(f'Initialising the parameters from {config.init_checkpoint}.')
     params = _load_params(config.init_checkpoint, run, config)
@@ -487,8 +489,8 @@ def _describe_run(config: ml_collections.ConfigDict, run: Setup, params: PyTree,
   if jax.process_index() != 0:
     return
   checkpoint_lib.write_config(os.path.join(workdir, 'config.json'), config)
-  with fileio.open_file(os.path.join(workdir, 'parameters.txt'), 'w') as f:
-    f.write(parameter_overview.get_parameter_overview(params, include_stats='sharding') + '\n')
+  table = parameter_overview.get_parameter_overview(params, include_stats='sharding')
+  fileio.replace_file(os.path.join(workdir, 'parameters.txt'), table + '\n')
   backbone, head = segvit.param_counts(params)
   groups = optim.group_summary(params)
   console.say(
@@ -601,9 +603,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   fileio.makedirs(workdir)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                      keep=int(config.keep_checkpoints))
+  if jax.process_index() == 0:
+    warning = ckpt.space_warning(run.spec.abstract)
+    if warning:
+      console.say(warning)
   stop = StopRequest()
   stop.install()
-  writer = MetricsWriter(workdir)
+  writer = None  # opened once the state is there: a workdir that cannot resume stays untouched
   try:
     with jax.set_mesh(run.mesh):
       # State: resume, fine-tune or fresh.
@@ -611,6 +617,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       start = int(jax.device_get(state.step))
       if start >= int(config.num_train_steps) and fileio.exists(final_path):
         return _already_done(final_path, start)
+      writer = MetricsWriter(workdir)
       _describe_run(config, run, state.params, workdir)
       # Steps, evaluators and data.
       evals = evaluators_lib.from_config(config, run.model, run.mesh, workdir)
@@ -638,7 +645,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     stop.uninstall()
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _already_done(final_path: str, step: int) -> dict[str, Any]:
@@ -664,7 +672,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   run = setup(config, devices)
   with jax.set_mesh(run.mesh):
     params = model_layout(_load_params(source, run, config), run.spec)
-    step = checkpoint_lib.params_step(source)
+    step = checkpoint_lib.params_step(source, int(config.restore_step))
     fileio.makedirs(workdir)
     writer = MetricsWriter(workdir)
     try:

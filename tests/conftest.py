@@ -152,3 +152,20 @@ def subprocess_env_fixture():
 def run_cli_fixture():
   """The function `run_cli`: run_cli('segvit_jax.predict', '--help')."""
   return run_cli
+
+
+# Session scope: a pytest-xdist worker may run other modules' tests between a module's, and a
+# module-scoped fixture would be set up again after each switch. Here, for every module that
+# compares a run with an uninterrupted one.
+@pytest.fixture(name='reference', scope='session')
+def reference_fixture(tmp_path_factory):
+  """(workdir, result) of an uninterrupted tiny run (tests/tiny_runs.py) on one device: 6 steps,
+  checkpoints at 3 and 6, evaluated at the end, predictions drawn. Copy it before changing it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import tiny_runs  # pylint: disable=g-import-not-at-top
+  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('reference')
+  config = tiny_runs.tiny_config(evals__val__every_steps=6, evals__figure__every_steps=-1,
+                                 evals__figure__num_images=2)
+  result = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  return str(workdir), result

@@ -58,17 +58,6 @@ def _signal_at(workdir, step, signum):
   return proc.returncode, out
 
 
-# Session scope: a pytest-xdist worker may run other modules' tests between this module's, and a
-# module-scoped fixture would be set up again after each switch.
-@pytest.fixture(scope='session')
-def reference(tmp_path_factory):
-  """An uninterrupted 6-step run, evaluated at the end, predictions drawn."""
-  workdir = tmp_path_factory.mktemp('reference')
-  result = _train(workdir, evals__val__every_steps=6, evals__figure__every_steps=-1,
-                  evals__figure__num_images=2)
-  return str(workdir), result
-
-
 def test_reference_run_logs_and_evaluates(reference):
   workdir, result = reference
   records = tiny_runs.losses(workdir)
@@ -230,7 +219,7 @@ def _mesh_losses(workdir):
   return {s: r['train/loss'] for s, r in tiny_runs.losses(str(workdir)).items()}
 
 
-@pytest.fixture(scope='session')  # session scope: see `reference`
+@pytest.fixture(scope='session')  # session scope: see `reference` in conftest.py
 def mesh_runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('meshes')
   _train(out / '1', **_MESH_RUN)
