@@ -58,10 +58,10 @@ demo: $(STAMP)
 	$(PY) -m segvit_jax.main --config=configs/synthetic.py --workdir=$(DEMO_DIR)
 
 test: $(STAMP) $(LIBTPU_STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-newest: $(STAMP_NEWEST)
-	$(PY_NEWEST) -m pytest -q -n 2 -m 'not lock' \
+	$(PY_NEWEST) -m pytest -q -n 2 --dist worksteal -m 'not lock' \
 	  $(foreach t,$(NEEDS_TORCH_OR_LIBTPU) $(NEWEST_KNOWN_FAILING),--ignore=tests/$(t).py) tests
 	workdir=$$(mktemp -d) && trap 'rm -rf "$$workdir"' EXIT && \
 	  $(VENV_NEWEST)/bin/segvit-train --config=configs/synthetic.py --workdir=$$workdir \

@@ -169,3 +169,10 @@ def reference_fixture(tmp_path_factory):
                                  evals__figure__num_images=2)
   result = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   return str(workdir), result
+
+
+def pytest_collection_modifyitems(config, items):
+  """The tests marked slow first (in their collection order), the rest after: started last, a
+  long test would keep one pytest worker busy while the other has nothing left to run."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

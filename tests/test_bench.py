@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_throughput_runs_jax_and_torch_in_alternation(tmp_path, repo_root):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(

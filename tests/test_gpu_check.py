@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench import gpu_check
 from bench import throughput
 
@@ -71,6 +73,7 @@ def _assert_train_run(run, out):
   assert (out / 'train_run' / 'predict' / 'labels' / 'input.png').exists()
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_section(tmp_path, subprocess_env):
   out = tmp_path / 'check'
   proc, report = _dry_run(out, subprocess_env(1))

@@ -71,20 +71,21 @@ def _eval_records(workdir):
     return [json.loads(ln) for ln in f if '"val/miou"' in ln]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
-  """Process 1 reaches the first train step 40 s after process 0, longer than CPU collectives
+  """Process 1 reaches the first train step 34 s after process 0, longer than CPU collectives
   wait for a peer to set up a program's communicators (30 s): a program's first run waits until
   every process has compiled it. The 1 x 8 run is this test process (8 simulated devices), run
   while the pair waits."""
   workdir = str(tmp_path / 'two')
-  procs = _start_pair(workdir, faults=(None, 'slow_input:40'), **RUN)
+  procs = _start_pair(workdir, faults=(None, 'slow_input:34'), **RUN)
   single = str(tmp_path / 'single')
   train.train_and_evaluate(tiny_runs.tiny_config(**RUN), single)
   outs = _finish(procs, 360)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
   assert 'process 1 of 2, 4 local / 8 global CPU devices' in outs[1]
-  assert 'fault: the input starts 40 s late' in outs[1]
+  assert 'fault: the input starts 34 s late' in outs[1]
 
   one, two = tiny_runs.losses(single), tiny_runs.losses(workdir)
   assert sorted(one) == sorted(two) == [1, 2, 3]
@@ -112,6 +113,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     np.testing.assert_allclose(restored[0][key], e2[0][key], rtol=1e-4, err_msg=key)
 
 
+@pytest.mark.slow
 def test_killing_one_process_ends_the_other(tmp_path):
   """Process 1 stops after its step-2 checkpoint and is SIGKILLed there; process 0 goes on into
   step 3, whose collectives can never complete: it must exit with an error, not hang."""
@@ -145,6 +147,7 @@ def test_killing_one_process_ends_the_other(tmp_path):
   assert 2 in tiny_runs.steps(workdir)  # the job can restart from the last checkpoint
 
 
+@pytest.mark.slow
 def test_an_exception_on_one_process_ends_the_job(tmp_path):
   """Process 1 raises after step 2: it reports the error and leaves at once (no shutdown barrier),
   and process 0, waiting in step 3's collectives, ends on that report, before the coordination

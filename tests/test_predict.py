@@ -319,6 +319,7 @@ _TINY_EVAL = {'eval__mode': 'slide', 'eval__stride': (16, 16),
               'dataset__eval_label_pad_size': (64, 64)}
 
 
+@pytest.mark.slow
 def test_predicted_jpeg_labels_evaluate_as_ground_truth_at_100_percent(tmp_path):
   workdir = str(tmp_path / 'run')
   _train_tiny_workdir(workdir)

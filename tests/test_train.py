@@ -118,6 +118,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(reference, tmp_path):
   assert tiny_runs.steps(workdir) == [3, 6]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_continues(reference, tmp_path):
   """Preempted at step 4; a resume that diverges at once stops without touching the
   checkpoints; a normal resume then continues exactly as the uninterrupted run."""
@@ -238,6 +239,7 @@ def mesh_runs(tmp_path_factory):
   return runs
 
 
+@pytest.mark.slow
 def test_meshes_match_one_device_and_restore_onto_other_meshes(mesh_runs):
   ref = mesh_runs['1']
   assert sorted(ref) == [1, 2, 3, 4, 5]
@@ -307,6 +309,7 @@ def _one_step(config, params=None, opt_state=None):
   return run, start, jax.device_get(new_state), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_adamw_on_the_mean_gradient():
   config = tiny_runs.tiny_config(optim__grad_accum_steps=2, model__drop_path_rate=0.0,
                                  model__decoder_dropout=0.0)
