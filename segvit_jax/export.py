@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from segvit_jax import fileio
 from segvit_jax.errors import UserError
 
 FORMATS = ('stablehlo', 'savedmodel', 'onnx')
@@ -315,13 +316,14 @@ def export(checkpoint: str, format: str,  # pylint: disable=redefined-builtin
 
 
 def write(model, variables, config, r: Request, info: Dict[str, Any]) -> None:
-  """Writes the artifact and its sidecar under temporary names, then renames them."""
+  """Writes the artifact and its sidecar whole: a SavedModel directory is built under a temporary
+  name and renamed; a file and its sidecar are each replaced whole (`fileio.replace_file`)."""
   out = r.output.rstrip(os.sep) or r.output
-  parent = os.path.dirname(os.path.abspath(out))
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out) + '.', dir=parent)
   text = json.dumps(info, indent=1)
-  try:
-    if r.format == 'savedmodel':
+  if r.format == 'savedmodel':
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out) + '.', dir=parent)
+    try:
       staged = os.path.join(tmp, 'savedmodel')
       write_savedmodel(model, variables['params'], config, r, staged)
       with open(os.path.join(staged, SAVEDMODEL_SIDECAR), 'w', encoding='utf-8') as f:
@@ -329,21 +331,17 @@ def write(model, variables, config, r: Request, info: Dict[str, Any]) -> None:
       if os.path.isdir(out):
         os.rmdir(out)  # empty: check_request said so
       os.rename(staged, out)
-      return
-    fn, spec = inference_function(model, variables, config, r.size, r.end_to_end)
-    if r.format == 'stablehlo':
-      data = stablehlo_bytes(fn, spec, r.platforms)
-    else:
-      from segvit_jax import export_onnx  # pylint: disable=g-import-not-at-top
-      data = export_onnx.onnx_bytes(fn, spec, info)
-    with open(os.path.join(tmp, 'artifact'), 'wb') as f:
-      f.write(data)
-    with open(os.path.join(tmp, 'sidecar'), 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(os.path.join(tmp, 'sidecar'), sidecar_path(r.format, out))
-    os.replace(os.path.join(tmp, 'artifact'), out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
+  fn, spec = inference_function(model, variables, config, r.size, r.end_to_end)
+  if r.format == 'stablehlo':
+    data = stablehlo_bytes(fn, spec, r.platforms)
+  else:
+    from segvit_jax import export_onnx  # pylint: disable=g-import-not-at-top
+    data = export_onnx.onnx_bytes(fn, spec, info)
+  fileio.replace_file(sidecar_path(r.format, out), text)
+  fileio.replace_file(out, data)
 
 
 # ------------------------------------------------------------------------------------------------
