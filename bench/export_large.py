@@ -4,7 +4,7 @@ r"""Export time, artifact size, load and run times of a paper config with random
         [--formats=stablehlo] [--batches=1,2] [--workdir=/tmp/bench_export]
 
 Writes a random-weight converted checkpoint of the config (numpy normals, not timed), then for
-each format runs `segvit_jax.export.export` from it (timed: loading the checkpoint, tracing,
+each format runs `segvit_jax.export.artifacts.export` from it (timed: loading the checkpoint, tracing,
 lowering, serialising, writing), and loads and runs the artifact on CPU in a fresh process:
 load time, then each batch size twice (the first call compiles, the second is the steady run).
 Prints one JSON line per format. The figures in docs/export.md come from here.
@@ -82,7 +82,7 @@ def main():
   parser.add_argument('--batches', default='1,2')
   parser.add_argument('--workdir', default=None, help='default: a temporary folder, removed')
   args = parser.parse_args()
-  from segvit_jax import export  # pylint: disable=g-import-not-at-top
+  from segvit_jax.export import artifacts as export  # pylint: disable=g-import-not-at-top
   size = export.parse_size(args.size)
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_export_')
   try:

@@ -287,7 +287,7 @@ def load_config(path: str, overrides: Dict[str, Any]):
 
 def eval_resized_hw(config, original_hw) -> Tuple[int, int]:
   """An original (h, w) after the config's test resize (mmseg's Resize, keep_ratio)."""
-  from segvit_jax import mmseg_rules  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data import mmseg_rules  # pylint: disable=g-import-not-at-top
   d = config.dataset
   h, w = mmseg_rules.rescale_size(tuple(original_hw), tuple(d.test_img_scale),
                                   int(d.test_min_size))
@@ -659,7 +659,7 @@ def _converted(torch, state, config, path: str) -> Dict[str, Any]:
   """A state dict (official keys) in the JAX parameter layout, flat: saved as a .pth and read by
   `segvit_jax.convert`, whose layouts (transposes, splits) are linear maps: they carry gradients
   as they carry weights."""
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
+  from segvit_jax.convert import checkpoints as convert  # pylint: disable=g-import-not-at-top
   torch.save({'meta': {}, 'state_dict': state}, path)
   return _flat(convert.convert_checkpoint(path, config=config)[0])
 
@@ -685,7 +685,7 @@ def _parity_reference(torch, variant: str, spec: Dict[str, Any], tmp: str) -> Di
   for dtype in ('float32', 'bfloat16'):
     say(f'parity {variant} {dtype}: PyTorch on {device}')
     runs[dtype] = _torch_reference(torch, model, images, labels, k, dtype, device)
-  from segvit_jax import convert  # pylint: disable=g-import-not-at-top
+  from segvit_jax.convert import checkpoints as convert  # pylint: disable=g-import-not-at-top
   params, config, _ = convert.convert_checkpoint(weights)
   arrays = {'input/images': images, 'input/labels': labels}
   arrays.update({f'params/{key}': v for key, v in _flat(params).items()})
@@ -713,7 +713,7 @@ def _load_reference(tmp: str, variant: str):
   """(params tree, config, images, labels, {dtype: (outputs, flat gradients)}) of a variant."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from segvit_jax import keymap  # pylint: disable=g-import-not-at-top
+  from segvit_jax.convert import keymap  # pylint: disable=g-import-not-at-top
   path = os.path.join(tmp, f'parity_{variant}')
   with open(path + '.json') as f:
     config = ml_collections.ConfigDict(json.load(f))
@@ -852,7 +852,7 @@ def _compile_train(config, device, batch: int):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
   config.batch_size = batch
   run = train.setup(config, [device])
   h, w = config.dataset.crop_size
@@ -879,7 +879,7 @@ def _time_train(run, compiled, config, batch: int, steps: int) -> Dict[str, Any]
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bench import throughput  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   crop = tuple(config.dataset.crop_size)
   host = {'image': throughput.random_images(rng, batch, crop),
@@ -1678,7 +1678,7 @@ def section_train_step(ctx: Context, timeout_s: float) -> Dict[str, Any]:
       items[k + ' torch'] = v['torch_eager']
   return dict(_status_of(items, None), pairs=results, official_batch_2_float32=_official_batch(
       results), matmul_ceiling_tflops=ctx.ceiling_tflops,
-      flops='analytic (segvit_jax.compile.forward_flops), training = 3 x forward',
+      flops='analytic (segvit_jax.aot.compile.forward_flops), training = 3 x forward',
       torch_float32='TF32 (allow_tf32), as JAX\'s default GPU precision')
 
 

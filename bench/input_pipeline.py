@@ -1,7 +1,7 @@
 r"""Train input pipeline throughput (images/s) on ADE20K-sized JPEGs.
 
-Runs `segvit_jax.input_pipeline.create_train_dataset` on the project's mmseg-folder source
-(`segvit_jax.datasets.get_source`, source 'mmseg_folder': JPEG + PNG decoding, reduce_zero_label)
+Runs `segvit_jax.data.input_pipeline.create_train_dataset` on the project's mmseg-folder source
+(`segvit_jax.data.datasets.get_source`, source 'mmseg_folder': JPEG + PNG decoding, reduce_zero_label)
 and the whole official augmentation (resize with the ratio range, cat_max_ratio crop, flip,
 photometric distortion, normalise, pad, batch), and prints images per second after a warm-up.
 
@@ -31,8 +31,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 
 from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from segvit_jax import datasets  # pylint: disable=g-import-not-at-top
-from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from segvit_jax.data import datasets  # pylint: disable=g-import-not-at-top
+from segvit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 ADE_SIZES = ((512, 683), (683, 512), (512, 512), (512, 768), (384, 512), (480, 640))  # (h, w)
 

@@ -61,7 +61,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Own flag registry: `segvit_jax.summary` defines --config / --json on the global one at import.
+# Own flag registry: `segvit_jax.aot.summary` defines --config / --json on the global one at import.
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False,
                                           flag_values=FLAGS)
@@ -209,7 +209,7 @@ def model_flops(config, slide_hw) -> Dict[str, float]:
   """FLOPs per image of each measurement ('train', 'infer', 'slide'), as `segvit-compile` counts
   them: `compile.forward_flops`, training 3x the train forward, the eval step every model call
   `compile.eval_forwards` finds for a bucket of `slide_hw` (windows, TTA views)."""
-  from segvit_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax.aot import compile as compile_lib  # pylint: disable=g-import-not-at-top
   m = config.model
   slide_config = config.copy_and_resolve_references()
   slide_config.dataset.eval_pad_size = tuple(slide_hw)
@@ -253,9 +253,9 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
             timing: Optional[Timing] = None):
   """The JAX measurements (module docstring) on the first device; `timing` as `_timed`'s."""
   import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax import evaluators  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config.model.dtype = dtype
   config.mesh = 'data:1'
@@ -708,7 +708,8 @@ def _import_framework(framework: str) -> None:
   """Imports what a worker measures, before its first turn: startup is not measured, and the
   workers' imports run at the same time."""
   if framework == 'jax':
-    from segvit_jax import evaluators, train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from segvit_jax.evaluation import evaluators  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from segvit_jax.training import train
   else:
     import segvit_reference  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

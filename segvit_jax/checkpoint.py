@@ -52,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from segvit_jax import config_base
-from segvit_jax import console
+from segvit_jax import cli
 from segvit_jax import fileio
 from segvit_jax.errors import StorageError
 from segvit_jax.errors import UserError
@@ -547,7 +547,7 @@ class Checkpointer:
           'choose another --workdir to start afresh.')
     for damage in damaged:
       kept = _set_aside(self.directory, damage.step)
-      console.say(f'Warning: {damage}; continuing from step {step}; step {damage.step} is kept '
+      cli.say(f'Warning: {damage}; continuing from step {step}; step {damage.step} is kept '
                   f'as {kept}.')
     if damaged:
       self._manager.reload()

@@ -6,7 +6,7 @@
 
 - Libraries' INFO logs (absl, Orbax, JAX) are off unless --verbosity is given, and TensorFlow's
   C++ banners unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set: a run prints its own
-  progress and results (`segvit_jax.console`), warnings and errors.
+  progress and results (`say`), warnings and errors.
 - Orbax's own reports of a failed checkpoint write (errors logged with tracebacks by its background
   threads, and TensorStore's callbacks into its closed event loop) are left out: the run reports
   the failure once, as the `error:` line of a `StorageError`. So are its complaints about a
@@ -17,11 +17,14 @@
   and keeps its traceback.
 """
 
+import glob
+import importlib.util
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from typing import Callable, NoReturn, Optional, Sequence
 
 from segvit_jax.errors import UserError
@@ -207,8 +210,7 @@ def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
     _quiet_storage_failures()
-    from segvit_jax import platforms  # pylint: disable=g-import-not-at-top
-    platforms.skip_absent_tpu()
+    skip_absent_tpu()
     try:
       status = main(argv)
     except UserError as e:
@@ -220,3 +222,40 @@ def run(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
 
   app.run(wrapped, flags_parser=parse)
   sys.exit(0)  # not reached: app.run exits
+
+
+def say(message: str) -> None:
+  """Prints a line for the user of a run: on process 0 (stdout, flushed, with the time of day).
+
+  Progress, evaluation summaries, results and stops are printed whatever the verbosity (libraries'
+  INFO logs are off unless --verbosity is given); every process also logs the line at INFO.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  logging.info('%s', message)
+  if jax.process_index() == 0:
+    print(f'{time.strftime("%H:%M:%S")} {message}', file=sys.stdout, flush=True)
+
+
+# Device files of attached accelerators: TPU chips (/dev/accel* on v4 / v5p, /dev/vfio/<n> on
+# v5e / v6e), NVIDIA and AMD GPUs. Where any exists, JAX chooses its backends as usual.
+_ACCELERATOR_FILES = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*', '/dev/kfd')
+
+
+def skip_absent_tpu() -> None:
+  """Starts JAX on the CPU when libtpu is importable but no accelerator is attached.
+
+  With libtpu installed (TPU VMs; hosts that compile for TPU topologies with `segvit-compile`),
+  JAX tries its TPU backend at start-up even without TPU chips: libtpu prints three warnings and
+  adds about 0.2 s before JAX falls back to the CPU. Call before the first JAX operation. Does
+  nothing when JAX_PLATFORMS (or jax_platforms) is set, without libtpu, or on a host with a TPU
+  or GPU.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms:
+    return
+  if importlib.util.find_spec('libtpu') is None:
+    return
+  if any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES):
+    return
+  jax.config.update('jax_platforms', 'cpu')

@@ -177,7 +177,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.dataset = _dataset_defaults()
 
-  # What the run evaluates (segvit_jax.evaluators): every_steps N > 0 after every N-th step and
+  # What the run evaluates (segvit_jax.evaluation.evaluators): every_steps N > 0 after every N-th step and
   # the last; -1 after the last step only; 0 never. Metrics are named '<entry>/<metric>'.
   config.evals = ml_collections.ConfigDict()
   config.evals.val = dict(type='miou', every_steps=4000)  # mIoU & co.; picks the best checkpoint

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from segvit_jax import resize
+from segvit_jax.models import resize
 
 
 def class_cross_entropy(class_logits: jnp.ndarray, present: jnp.ndarray,

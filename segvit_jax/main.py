@@ -79,15 +79,15 @@ def _start_jax(config) -> None:
   print(f'JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, '
         f'{jax.local_device_count()} local / {jax.device_count()} global '
         f'{jax.devices()[0].platform.upper()} devices.', flush=True)
-  from segvit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import preflight  # pylint: disable=g-import-not-at-top
   preflight.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  from segvit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.pipeline_for(config)  # a file source without TensorFlow: say so now
 
 
 def _run(config, workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
   try:
     if _MODE.value == 'eval':
       return train.evaluate_checkpoint(config, workdir)

@@ -6,7 +6,7 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
 latest step, or `--step=N`; the config comes from WORKDIR/config.json unless `--config` is
 given; a damaged step is one line naming the damaged file and the earlier step that loads).
-`--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead (`segvit_jax.exported`:
+`--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead (`segvit_jax.export.stablehlo_runner`:
 images resized to the artifact's size, whole-image inference, no TTA). INPUTs are image files
 (JPEG, PNG, anything Pillow reads) and folders (searched recursively for
 .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
@@ -66,10 +66,10 @@ import numpy as np
 from PIL import Image
 
 from segvit_jax import cli
-from segvit_jax import evaluate
+from segvit_jax.evaluation import evaluate
 from segvit_jax import fileio
-from segvit_jax import mmseg_rules
-from segvit_jax import visualize
+from segvit_jax.data import mmseg_rules
+from segvit_jax.evaluation import visualize
 from segvit_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -515,7 +515,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
   flags.DEFINE_string('exported', None, 'A segvit-export --format=stablehlo artifact to run '
                       'instead of a checkpoint (each image resized to its size; see '
-                      'segvit_jax.exported).')
+                      'segvit_jax.export.stablehlo_runner).')
 
 
 USAGE = ('python -m segvit_jax.predict --checkpoint=DIR|--exported=PATH INPUT... --output=OUT '
@@ -544,7 +544,7 @@ def main(argv: Sequence[str]) -> int:
     raise UserError(f'no images found in {inputs} (extensions {", ".join(IMAGE_EXTENSIONS)}).')
   summary = Summary()
   if f.exported:
-    from segvit_jax import exported  # pylint: disable=g-import-not-at-top
+    from segvit_jax.export import stablehlo_runner as exported  # pylint: disable=g-import-not-at-top
     exported.segment_files(f.exported, sources, f.output, batch_size=f.batch_size,
                            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype),
                            summary=summary)

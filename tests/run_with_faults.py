@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segvit_jax import input_pipeline  # noqa: E402
+from segvit_jax.data import input_pipeline  # noqa: E402
 from segvit_jax import main  # noqa: E402
-from segvit_jax import train  # noqa: E402
+from segvit_jax.training import train  # noqa: E402
 
 
 def hang_after(n, step, ckpt, stop):

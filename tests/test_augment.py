@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 import mmcv_reference
-from segvit_jax import augment
-from segvit_jax import mmseg_rules
+from segvit_jax.data import augment
+from segvit_jax.data import mmseg_rules
 
 _U8_IMAGE = tf.TensorSpec([None, None, 3], tf.uint8)
 _U8_LABEL = tf.TensorSpec([None, None], tf.uint8)

@@ -1,4 +1,4 @@
-"""python -m segvit_jax.compile: TPU programs compiled on this CPU host, and what it reports.
+"""python -m segvit_jax.aot.compile: TPU programs compiled on this CPU host, and what it reports.
 
 The command-line tests compile the tiny synthetic config (tests/tiny_runs.py) for a v5e 2x2 slice
 (v5litepod-4) and for simulated CPU devices. TPU targets need libtpu importable in the compiling
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from segvit_jax import compile as compile_lib
+from segvit_jax.aot import compile as compile_lib
 from segvit_jax.errors import UserError
 from segvit_jax.models import tpu_dropout_attention
 
@@ -46,7 +46,7 @@ def libtpu_env() -> dict:
 
 def _compile(*flags, topology='v5litepod-4'):
   overrides = [tiny_runs.flag(k, v) for k, v in tiny_runs.TINY.items()]
-  cmd = [sys.executable, '-m', 'segvit_jax.compile',
+  cmd = [sys.executable, '-m', 'segvit_jax.aot.compile',
          f'--config={tiny_runs.ROOT}/configs/synthetic.py', *overrides, *flags,
          f'--topology={topology}']
   return subprocess.run(cmd, cwd=tiny_runs.ROOT, env=libtpu_env(), capture_output=True,
@@ -259,7 +259,7 @@ def test_eval_model_calls_cover_every_window():
 
 def test_train_model_flops_are_three_forward_passes():
   from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
-  from segvit_jax import summary  # pylint: disable=g-import-not-at-top
+  from segvit_jax.aot import summary  # pylint: disable=g-import-not-at-top
   config = config_base.get_base_config()
   train, evaluation = compile_lib.model_flops_per_chip(config, 16, train_batch=16, eval_batch=8)
   breakdown = summary.model_flops(config.model)

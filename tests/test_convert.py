@@ -20,9 +20,9 @@ import torch
 
 from segvit_jax import checkpoint
 from segvit_jax import config_base
-from segvit_jax import convert
-from segvit_jax import keymap
-from segvit_jax import mmcv_config
+from segvit_jax.convert import checkpoints as convert
+from segvit_jax.convert import keymap
+from segvit_jax.convert import mmcv_config
 from segvit_jax import predict
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit

@@ -15,15 +15,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import mmcv_reference
-from segvit_jax import palettes
-from segvit_jax import datasets
-from segvit_jax.datasets import coco_stuff10k
-from segvit_jax.datasets import common
-from segvit_jax.datasets import mmseg_folder
-from segvit_jax.datasets import pascal_context
-from segvit_jax.datasets import prepare
-from segvit_jax.datasets import sources  # noqa: F401  (registers the TFDS builders)
-from segvit_jax.datasets import synthetic
+from segvit_jax.data import palettes
+from segvit_jax.data import datasets
+from segvit_jax.data.datasets import coco_stuff10k
+from segvit_jax.data.datasets import common
+from segvit_jax.data.datasets import mmseg_folder
+from segvit_jax.data.datasets import pascal_context
+from segvit_jax.data.datasets import prepare
+from segvit_jax.data.datasets import sources  # noqa: F401  (registers the TFDS builders)
+from segvit_jax.data.datasets import synthetic
 
 try:
   from tests import official_layouts as layouts
@@ -43,7 +43,7 @@ def _cfg(**kw):
 
 def _read(cfg, split, **kw):
   """Decoded examples of a source (TFDS and folder sources yield encoded bytes)."""
-  from segvit_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+  from segvit_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
 
   def decode(ex):
     image, label = tf_pipeline.decode_example(ex)
@@ -319,7 +319,7 @@ def test_pascal_context_missing_annotation_archive_named(tmp_path, rng):
 def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):
   cfg = _cfg(tfds_name='coco_stuff10k', data_dir=str(tmp_path / 'nothing'))
   with pytest.raises(common.DatasetError,
-                     match='python -m segvit_jax.datasets.prepare coco_stuff10k'):
+                     match='python -m segvit_jax.data.datasets.prepare coco_stuff10k'):
     datasets.get_source(cfg, 'train')
 
 

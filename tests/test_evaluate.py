@@ -16,8 +16,8 @@ from conftest import PRODUCT_COMPILER_OPTIONS
 
 import mmcv_reference
 from segvit_jax import config_base
-from segvit_jax import evaluate
-from segvit_jax import resize
+from segvit_jax.evaluation import evaluate
+from segvit_jax.models import resize
 
 K = 4
 IGNORE = 255
@@ -284,7 +284,7 @@ def test_predict_matches_reference(mode):
 
 
 def reference_metrics(preds, labels):
-  """mIoU / mAcc / aAcc from flat pixel lists, independently of segvit_jax.metrics."""
+  """mIoU / mAcc / aAcc from flat pixel lists, independently of segvit_jax.evaluation.metrics."""
   inter, area_pred, area_label = np.zeros(K), np.zeros(K), np.zeros(K)
   for p, lbl in zip(preds, labels):
     keep = lbl != IGNORE

@@ -18,9 +18,9 @@ import pytest
 from conftest import run_cli
 from conftest import subprocess_env
 from segvit_jax import checkpoint
-from segvit_jax import export
-from segvit_jax import mmseg_rules
-from segvit_jax import resize
+from segvit_jax.export import artifacts as export
+from segvit_jax.data import mmseg_rules
+from segvit_jax.models import resize
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 import test_predict

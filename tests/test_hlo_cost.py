@@ -1,10 +1,10 @@
-"""segvit_jax.hlo_cost: FLOPs, bytes and HBM bytes of compiled programs, loops counted fully."""
+"""segvit_jax.aot.hlo_cost: FLOPs, bytes and HBM bytes of compiled programs, loops counted fully."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from segvit_jax import hlo_cost
+from segvit_jax.aot import hlo_cost
 
 CPU = jax.devices('cpu')[0].client
 

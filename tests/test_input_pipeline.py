@@ -1,6 +1,6 @@
 """input_pipeline.py: shapes, determinism, resume, host shards, eval padding, global arrays.
 
-A small in-memory source stands in for `segvit_jax.datasets.get_source`: example i has a constant
+A small in-memory source stands in for `segvit_jax.data.datasets.get_source`: example i has a constant
 image of value 10 + 15 i (so it can be recognised after resize / crop / normalisation with the
 photometric step off) and a blocky label; hosts read contiguous near-equal blocks, like the
 dataset sources do.
@@ -19,9 +19,9 @@ import pytest
 import tensorflow as tf
 
 import mmcv_reference
-from segvit_jax import augment
+from segvit_jax.data import augment
 from segvit_jax import config_base
-from segvit_jax import input_pipeline
+from segvit_jax.data import input_pipeline
 
 NUM = 12
 NUM_CLASSES = 5
@@ -327,7 +327,7 @@ def test_global_batch_on_simulated_devices():
 
 
 # ---------------------------------------------------------------------------------------------
-# With the real sources: a TFDS build through tf.data (`segvit_jax.datasets.get_source`), the
+# With the real sources: a TFDS build through tf.data (`segvit_jax.data.datasets.get_source`), the
 # synthetic source through numpy_pipeline (no files, no TensorFlow needed).
 
 
@@ -335,7 +335,7 @@ def test_with_a_tfds_build(tmp_path):
   """The TFDS source (sharded even splits, decoding in the graph) through both pipelines."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Imported for its side effect: it registers the TFDS builder 'ade20k' used below.
-  from segvit_jax.datasets import sources  # noqa: F401  # pylint: disable=unused-import
+  from segvit_jax.data.datasets import sources  # noqa: F401  # pylint: disable=unused-import
   try:
     from tests import official_layouts as layouts  # pylint: disable=g-import-not-at-top
   except ImportError:

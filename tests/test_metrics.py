@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import metrics
+from segvit_jax.evaluation import metrics
 
 IGNORE = 255
 

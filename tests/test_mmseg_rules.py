@@ -1,10 +1,10 @@
-"""segvit_jax.mmseg_rules against OpenCV itself and mmcv's formulas, bit for bit (no TensorFlow)."""
+"""segvit_jax.data.mmseg_rules against OpenCV itself and mmcv's formulas, bit for bit (no TensorFlow)."""
 
 import numpy as np
 import pytest
 
 import mmcv_reference as ref
-from segvit_jax import mmseg_rules
+from segvit_jax.data import mmseg_rules
 
 
 @pytest.fixture(scope='session')

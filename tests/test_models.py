@@ -14,7 +14,7 @@ import pytest
 
 from segvit_jax import config_base
 from segvit_jax import losses
-from segvit_jax import resize
+from segvit_jax.models import resize
 from segvit_jax import sharding
 from segvit_jax.errors import UserError
 from segvit_jax.models import layers

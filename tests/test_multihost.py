@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax import train
+from segvit_jax.training import train
 
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top

@@ -18,12 +18,12 @@ import pytest
 import tensorflow as tf
 
 import mmcv_reference
-from segvit_jax import augment
+from segvit_jax.data import augment
 from segvit_jax import config_base
-from segvit_jax import mmseg_rules
-from segvit_jax import numpy_pipeline
-from segvit_jax import tf_pipeline
-from segvit_jax.datasets import synthetic
+from segvit_jax.data import mmseg_rules
+from segvit_jax.data import numpy_pipeline
+from segvit_jax.data import tf_pipeline
+from segvit_jax.data.datasets import synthetic
 from segvit_jax.errors import UserError
 
 TRAIN_KW = dict(crop_size=(32, 40), img_scale=(96, 48), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
@@ -388,9 +388,10 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
       raise ModuleNotFoundError(f'No module named {name!r}', name=name)
 
 sys.meta_path.insert(0, NoTensorFlow())
-import segvit_jax.numpy_pipeline
+import segvit_jax.data.numpy_pipeline
 assert 'tensorflow' not in sys.modules
-from segvit_jax import config_base, input_pipeline
+from segvit_jax import config_base
+from segvit_jax.data import input_pipeline
 config = config_base.get_base_config()
 config.batch_size, config.mesh = 4, 'data:1'
 d = config.dataset

@@ -15,10 +15,10 @@ import pytest
 import mmcv_reference
 from segvit_jax import checkpoint
 from segvit_jax import config_base
-from segvit_jax import evaluate
-from segvit_jax import mmseg_rules
+from segvit_jax.evaluation import evaluate
+from segvit_jax.data import mmseg_rules
 from segvit_jax import predict
-from segvit_jax import visualize
+from segvit_jax.evaluation import visualize
 from segvit_jax.models import segvit
 
 try:
@@ -310,7 +310,7 @@ def _train_tiny_workdir(workdir: str) -> None:
   Slide inference with one 32 x 32 window: prediction and evaluation then pad every image to
   the same bucket. The evaluation command reuses these overrides (`_TINY_EVAL`).
   """
-  from segvit_jax import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
   config = tiny_runs.tiny_config(**_TINY_EVAL, num_train_steps=2, checkpoint_every_steps=2)
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 

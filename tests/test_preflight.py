@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from segvit_jax import preflight
+from segvit_jax.training import preflight
 from segvit_jax.errors import UserError
 
 try:

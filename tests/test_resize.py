@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segvit_jax import resize
+from segvit_jax.models import resize
 
 
 @pytest.mark.parametrize('in_hw,out_hw', [((4, 6), (64, 96)), ((7, 5), (3, 11)),

@@ -23,7 +23,7 @@ import pytest
 from segvit_jax import checkpoint
 from segvit_jax import fileio
 from segvit_jax import predict
-from segvit_jax import train
+from segvit_jax.training import train
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 

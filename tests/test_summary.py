@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from segvit_jax import config_base
-from segvit_jax import resize
-from segvit_jax import summary
+from segvit_jax.models import resize
+from segvit_jax.aot import summary
 from segvit_jax.models import segvit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_jaxpr_macs_counts_nested_and_skips_constant_matrices():
 
 def test_cli_json():
   result = subprocess.run(
-      [sys.executable, '-m', 'segvit_jax.summary', '--config=configs/ade20k_base.py', '--json'],
+      [sys.executable, '-m', 'segvit_jax.aot.summary', '--config=configs/ade20k_base.py', '--json'],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
   out = json.loads(result.stdout)
   assert out['params']['total'] == out['params']['backbone'] + out['params']['head']

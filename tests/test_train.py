@@ -21,7 +21,7 @@ import pytest
 
 from segvit_jax import checkpoint
 from segvit_jax import losses
-from segvit_jax import train
+from segvit_jax.training import train
 
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top

@@ -20,11 +20,11 @@ import tiny_runs
 
 # The modules that must not import TensorFlow (everything but the data layer: tf_pipeline,
 # augment, datasets.sources / builders / mmseg_folder).
-TF_FREE = ['segvit_jax.main', 'segvit_jax.train', 'segvit_jax.predict', 'segvit_jax.convert',
-           'segvit_jax.compile', 'segvit_jax.summary', 'segvit_jax.checkpoint',
-           'segvit_jax.evaluators', 'segvit_jax.input_pipeline', 'segvit_jax.numpy_pipeline',
-           'segvit_jax.datasets', 'segvit_jax.datasets.synthetic', 'segvit_jax.datasets.common',
-           'segvit_jax.tensorboard_events', 'bench.throughput', 'bench.gpu_check']
+TF_FREE = ['segvit_jax.main', 'segvit_jax.training.train', 'segvit_jax.predict', 'segvit_jax.convert.checkpoints',
+           'segvit_jax.aot.compile', 'segvit_jax.aot.summary', 'segvit_jax.checkpoint',
+           'segvit_jax.evaluation.evaluators', 'segvit_jax.data.input_pipeline', 'segvit_jax.data.numpy_pipeline',
+           'segvit_jax.data.datasets', 'segvit_jax.data.datasets.synthetic', 'segvit_jax.data.datasets.common',
+           'segvit_jax.training.tensorboard_events', 'bench.throughput', 'bench.gpu_check']
 
 
 @pytest.fixture(name='no_tensorflow', scope='module')

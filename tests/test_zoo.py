@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import subprocess_env
-from segvit_jax import convert
+from segvit_jax.convert import checkpoints as convert
 from segvit_jax.errors import UserError
 
 REPO_ID = 'Akide/SegViTv1'
@@ -64,7 +64,7 @@ def fake_hf_cache(cache, filename, content):
 
 _RESOLVE = '''
 import sys
-from segvit_jax import convert
+from segvit_jax.convert import checkpoints as convert
 from segvit_jax.errors import UserError
 for source in sys.argv[1:]:
   try:

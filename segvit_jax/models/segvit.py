@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segvit_jax import resize
+from segvit_jax.models import resize
 from segvit_jax.errors import UserError
 from segvit_jax.models import atm
 from segvit_jax.models import attention as attention_lib

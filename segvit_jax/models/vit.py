@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segvit_jax import resize
+from segvit_jax.models import resize
 from segvit_jax.models import layers
 from segvit_jax.models import stacking
 

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segvit_jax import keymap
-from segvit_jax import resize
-from segvit_jax import torch_files
+from segvit_jax.convert import keymap
+from segvit_jax.models import resize
+from segvit_jax.convert import torch_files
 from segvit_jax.models import vit
 from segvit_jax.errors import UserError
 
