@@ -10,12 +10,12 @@ scratch.
       --config.pretrained_backbone=B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz
 """
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 
 
 def get_config():
-  config = config_base.get_base_config()
-  config_base.vit_base(config.model)
+  config = config_lib.get_base_config()
+  config_lib.vit_base(config.model)
   config.model.img_size = (512, 512)
   config.dataset.crop_size = (512, 512)
   config.dataset.img_scale = (2048, 512)

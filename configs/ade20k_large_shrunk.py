@@ -8,10 +8,10 @@ The backbone starts from Google's AugReg ViT-L/16 (ImageNet-21k, fine-tuned on I
       --config.pretrained_backbone=L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz
 """
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 
 
 def get_config():
-  config = config_base.get_base_config()
-  config_base.shrunk(config.model)
+  config = config_lib.get_base_config()
+  config_lib.shrunk(config.model)
   return config

@@ -11,10 +11,10 @@ For the 59-class protocol: --config.model.num_classes=59 --config.dataset.num_cl
 --config.dataset.tfds_name=pascal_context/59 --config.dataset.reduce_zero_label=True
 """
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 
 
 def get_config():
-  config = config_base.get_base_config()
-  config_base.pascal_context(config)
+  config = config_lib.get_base_config()
+  config_lib.pascal_context(config)
   return config

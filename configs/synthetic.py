@@ -11,11 +11,11 @@ Expected: a validation mIoU of about 0.85 after the 3500 steps (about 6 minutes 
 2 cores).
 """
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 
 
 def get_config():
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.seed = 0
   config.batch_size = 8
   config.num_train_steps = 3500

@@ -30,7 +30,7 @@ when they carry shardings the arrays are laid out as those say (any mesh, any de
 otherwise they come back as numpy arrays on the host.
 
 `config.json` is nested JSON of `config.to_dict()` in both kinds, written by `write_config` and
-read by `read_config` (JSON lists come back as tuples, as `config_base` writes sequences).
+read by `read_config` (JSON lists come back as tuples, as `segvit_jax.config` writes sequences).
 """
 
 import contextlib
@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax import cli
 from segvit_jax import fileio
 from segvit_jax.errors import StorageError
@@ -117,7 +117,7 @@ def _merge(base: dict, saved: Mapping[str, Any]) -> dict:
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The config `write_config` wrote to `path`.
 
-  Keys the file lacks (added to segvit_jax after it was written) take `config_base`'s defaults.
+  Keys the file lacks (added to segvit_jax after it was written) take `segvit_jax.config`'s defaults.
   Raises UserError for a file that is not such a config, e.g. the flat layout of older versions.
   """
   try:
@@ -134,7 +134,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
         f'{path} is in the flat layout of older segvit_jax versions (dotted keys such as '
         f'{dotted[0]!r}), which is no longer read: pass --config=<the configs/*.py file the run '
         'was trained with, with the same --config.* overrides>.')
-  return ml_collections.ConfigDict(_merge(config_base.get_base_config().to_dict(), _tuples(data)))
+  return ml_collections.ConfigDict(_merge(config_lib.get_base_config().to_dict(), _tuples(data)))
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

@@ -246,9 +246,9 @@ def test_impossible_choices_name_the_key(name, platform, dtype, message):
 
 
 def test_build_model_resolves_for_the_given_platform():
-  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
-  m = config_base.get_base_config().model
+  m = config_lib.get_base_config().model
   assert segvit.build_model(m, platform='tpu').attention == 'pallas_tpu'
   assert segvit.build_model(m, platform='cpu').attention == 'per_head'
   assert segvit.build_model(m).attention == attention.resolve_attention(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from segvit_jax import checkpoint
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax import predict
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
@@ -23,7 +23,7 @@ P = jax.sharding.PartitionSpec
 
 
 def tiny_config(**model):
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.model.update(dict(embed_dim=32, depth=2, num_heads=2, out_indices=(0, 1), use_stages=2,
                            decoder_dim=16, decoder_heads=2, decoder_layers=1, num_classes=3,
                            img_size=(32, 32), patch_size=16))
@@ -99,9 +99,9 @@ def test_load_config_reads_py_json_and_directories(tmp_path):
   config = tiny_config()
   checkpoint.write_config(str(tmp_path / 'config.json'), config)
   (tmp_path / 'tiny.py').write_text(
-      'from segvit_jax import config_base\n\n'
+      'from segvit_jax import config as config_lib\n\n'
       'def get_config():\n'
-      '  config = config_base.get_base_config()\n'
+      '  config = config_lib.get_base_config()\n'
       '  config.model.embed_dim = 48\n'
       '  return config\n')
   assert checkpoint.load_config(str(tmp_path / 'config.json')).to_dict() == config.to_dict()

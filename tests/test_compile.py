@@ -245,8 +245,8 @@ def test_max_batch_respects_the_accumulation_unit():
 
 
 def test_eval_model_calls_cover_every_window():
-  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
-  config = config_base.get_base_config()  # ADE20K: 2048 bucket, 640 crops, stride 608
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base_config()  # ADE20K: 2048 bucket, 640 crops, stride 608
   assert compile_lib.eval_forwards(config) == [((640, 640), 16)]
   config.eval.mode = 'whole'
   assert compile_lib.eval_forwards(config) == [((2048, 2048), 1)]
@@ -258,9 +258,9 @@ def test_eval_model_calls_cover_every_window():
 
 
 def test_train_model_flops_are_three_forward_passes():
-  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from segvit_jax.aot import summary  # pylint: disable=g-import-not-at-top
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   train, evaluation = compile_lib.model_flops_per_chip(config, 16, train_batch=16, eval_batch=8)
   breakdown = summary.model_flops(config.model)
   fvcore = summary.total_flops(breakdown)  # multiply-adds count once there

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from segvit_jax import checkpoint
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.convert import checkpoints as convert
 from segvit_jax.convert import keymap
 from segvit_jax.convert import mmcv_config
@@ -36,10 +36,10 @@ K = 7
 TINY = dict(embed_dim=64, depth=4, num_heads=4, out_indices=(1, 2, 3), decoder_dim=32,
             decoder_heads=4, num_classes=K, img_size=(64, 64))
 TINY_CONFIG_PY = f'''
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 
 def get_config():
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.model.update({TINY!r})
   return config
 '''
@@ -197,8 +197,8 @@ gpu_ids = range(0, 4)
   parsed = mmcv_config.parse(text)
   assert 'evil' not in parsed and 'gpu_ids' not in parsed and not marker.exists()
   config = mmcv_config.to_config(parsed)
-  expected = config_base.get_base_config()
-  config_base.coco_stuff10k(expected)
+  expected = config_lib.get_base_config()
+  config_lib.coco_stuff10k(expected)
   for key in ('name', 'embed_dim', 'depth', 'num_heads', 'decoder_dim', 'decoder_heads',
               'num_classes', 'use_stages', 'decoder_layers', 'patch_size'):
     assert config.model[key] == expected.model[key], key
@@ -375,7 +375,7 @@ def backbone_setup(grid=3):
   model at 64x64 (4x4 grid) filled with 0.5, as train.py would hold them."""
   torch.manual_seed(3)
   vit = ref.init_with_noise(ref.VisionTransformer((16 * grid,) * 2, 16, 64, 4, 4, 4, (1, 2, 3)))
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.model.update(TINY)
   model = segvit.build_model(config.model)
   boxed = segvit.abstract_params(model)
@@ -387,7 +387,7 @@ def expected_backbone(vit):
   """What mmseg's init_weights gives: the official keys, position grid resized by torch bicubic."""
   sd = {'backbone.' + k: v for k, v in vit.state_dict().items()}
   sd['backbone.pos_embed'] = ref.resize_pos_embed(sd['backbone.pos_embed'], (4, 4), (3, 3))
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.model.update(TINY)
   abstract = nn.unbox(segvit.abstract_params(segvit.build_model(config.model)))
   # The key table names one 'block_{i}' per block; the model stacks them.

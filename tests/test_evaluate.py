@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import PRODUCT_COMPILER_OPTIONS
 
 import mmcv_reference
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.evaluation import evaluate
 from segvit_jax.models import resize
 
@@ -131,7 +131,7 @@ def make_batch(rng, image_sizes, bucket, label_sizes=None, label_bucket=None, pa
 
 
 def eval_config(**overrides):
-  config = config_base.get_base_config().eval
+  config = config_lib.get_base_config().eval
   config.crop_size = (8, 6)
   config.stride = (5, 4)
   config.update(overrides)
@@ -405,7 +405,7 @@ class _PixelModel(nn.Module):
 
 
 def test_eval_step_on_a_4_device_mesh_matches_single_device():
-  config = config_base.get_base_config().eval
+  config = config_lib.get_base_config().eval
   config.crop_size, config.stride = (8, 8), (5, 5)
   rng = np.random.default_rng(0)
   sizes = np.array([[20, 27], [9, 8], [16, 11], [12, 30]], np.int32)
@@ -440,7 +440,7 @@ def test_bad_config_errors():
 def test_make_eval_step_with_tiny_segvit_matches_window_loop():
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
   k = 3
-  model_config = config_base.get_base_config().model
+  model_config = config_lib.get_base_config().model
   model_config.update(dict(embed_dim=32, depth=2, num_heads=2, out_indices=(0, 1), use_stages=2,
                            decoder_dim=32, decoder_heads=2, decoder_layers=1, num_classes=k,
                            img_size=(32, 32)))

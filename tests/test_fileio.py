@@ -44,8 +44,8 @@ def test_local_files_unchanged(tmp_path):
 
 
 def test_config_json_on_a_url_file_system():
-  from segvit_jax import config_base  # pylint: disable=g-import-not-at-top
-  config = config_base.get_base_config()
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base_config()
   config.model.img_size = (48, 64)
   fileio.makedirs('ram://bucket/config_run')
   path = 'ram://bucket/config_run/config.json'

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import mmcv_reference
 from segvit_jax.data import augment
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.data import input_pipeline
 
 NUM = 12
@@ -70,7 +70,7 @@ def make_source_fn(num=NUM):
 
 
 def small_config(batch_size=4, seed=0, photometric=False):
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.seed = seed
   config.batch_size = batch_size
   d = config.dataset

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax import losses
 from segvit_jax.models import resize
 from segvit_jax import sharding
@@ -25,11 +25,11 @@ NUM_CLASSES = 5
 
 
 def tiny_config(name='segvit', img_size=(64, 64)):
-  c = config_base.get_base_config().model
+  c = config_lib.get_base_config().model
   c.update(dict(embed_dim=32, depth=4, num_heads=2, out_indices=(1, 2, 3), decoder_dim=16,
                 decoder_heads=2, num_classes=NUM_CLASSES, img_size=img_size, drop_path_rate=0.1))
   if name == 'segvit_shrunk':
-    config_base.shrunk(c)
+    config_lib.shrunk(c)
     c.shrink_index = 2
     c.out_indices = (1, 3)
   return c

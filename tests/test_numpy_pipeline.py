@@ -19,7 +19,7 @@ import tensorflow as tf
 
 import mmcv_reference
 from segvit_jax.data import augment
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.data import mmseg_rules
 from segvit_jax.data import numpy_pipeline
 from segvit_jax.data import tf_pipeline
@@ -186,7 +186,7 @@ NUM_TRAIN, NUM_VAL = 10, 7
 def small_config(batch_size=4, seed=0, identity=False):
   """Synthetic 24 x 24 examples. `identity`: no resize, crop, flip or photometric step, so every
   output is its example normalised (and can be recognised)."""
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.seed = seed
   config.batch_size = batch_size
   config.mesh = 'data:1'
@@ -390,9 +390,9 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTensorFlow())
 import segvit_jax.data.numpy_pipeline
 assert 'tensorflow' not in sys.modules
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.data import input_pipeline
-config = config_base.get_base_config()
+config = config_lib.get_base_config()
 config.batch_size, config.mesh = 4, 'data:1'
 d = config.dataset
 d.name = d.source = 'synthetic'

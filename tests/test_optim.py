@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax import optim
 
 
@@ -38,8 +38,8 @@ def test_schedule_matches_mmcv(power, min_lr, max_iters):
 
 
 def test_schedule_from_config_uses_recipe_keys():
-  config = config_base.get_base_config()
-  config_base.coco_stuff10k(config)
+  config = config_lib.get_base_config()
+  config_lib.coco_stuff10k(config)
   schedule = optim.schedule_from_config(config)
   for it in (0, 1499, 1500, 40_000, 79_999):
     want = mmcv_lr(it, 2e-5, 80_000, 2.0, 0.0, 1500, 1e-6)
@@ -92,7 +92,7 @@ def test_groups_by_hand():
 
 
 def _optim_config(**overrides):
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.num_train_steps = 6
   o = config.optim
   o.learning_rate = 1e-2
@@ -169,7 +169,7 @@ def test_adamw_matches_torch_param_groups():
 def test_real_model_groups():
   """On the model's own tree: only backbone ln1/ln2 lose decay; everything under 'head' is x10."""
   from segvit_jax.models import segvit
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   m = config.model
   m.img_size = (32, 32)
   m.embed_dim, m.depth, m.num_heads = 16, 3, 2

@@ -14,7 +14,7 @@ import pytest
 
 import mmcv_reference
 from segvit_jax import checkpoint
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.evaluation import evaluate
 from segvit_jax.data import mmseg_rules
 from segvit_jax import predict
@@ -33,7 +33,7 @@ IMAGES = (('wide.jpg', (40, 56)), ('square.png', (64, 64)), ('strip.png', (30, 9
 
 
 def tiny_config():
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   config.model.update(dict(embed_dim=32, depth=2, num_heads=2, out_indices=(0, 1), use_stages=2,
                            decoder_dim=32, decoder_heads=2, decoder_layers=1, num_classes=K,
                            img_size=(32, 32), drop_path_rate=0.0))

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.models import resize
 from segvit_jax.aot import summary
 from segvit_jax.models import segvit
@@ -70,7 +70,7 @@ def test_section_8_3_fine_structure():
 
 
 def tiny_config(shrunk: bool) -> ml_collections.ConfigDict:
-  m = config_base.get_base_config().model
+  m = config_lib.get_base_config().model
   m.img_size = (64, 64)
   m.embed_dim, m.depth, m.num_heads = 32, 4, 2
   m.decoder_dim, m.decoder_heads = 16, 2
@@ -78,7 +78,7 @@ def tiny_config(shrunk: bool) -> ml_collections.ConfigDict:
   m.out_indices = (1, 2, 3)
   m.use_stages = 3
   if shrunk:
-    config_base.shrunk(m)
+    config_lib.shrunk(m)
     m.shrink_index = 2
     m.out_indices = (1, 3)
   return m

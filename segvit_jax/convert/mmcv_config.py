@@ -4,7 +4,7 @@ An mmseg checkpoint stores its merged config as Python text (`meta['config']`). 
 top-level assignments with `ast` (literals, `dict(...)`, names bound earlier, arithmetic, `len`
 and the like; nothing is executed), and `to_config` maps the SegViT model (mmseg
 `VisionTransformer` + `ATMHead`, or `vit_shrink` + `TPNATMHead`) and its recipe onto
-`config_base`'s keys, with mmseg's defaults where the text leaves a field out.
+`segvit_jax.config`'s keys, with mmseg's defaults where the text leaves a field out.
 """
 
 import ast
@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Tuple
 from absl import logging
 import ml_collections
 
-from segvit_jax import config_base
+from segvit_jax import config as config_lib
 from segvit_jax.errors import UserError
 
 
@@ -102,7 +102,7 @@ def parse(text: str) -> Dict[str, Any]:
   return names
 
 
-# mmseg dataset classes -> (segvit_jax dataset recipe in config_base, K it implies).
+# mmseg dataset classes -> (segvit_jax dataset recipe in segvit_jax.config, K it implies).
 _DATASETS = {
     'ADE20KDataset': ('ade20k', 150),
     'COCOStuffDataset': ('coco_stuff10k', 171),
@@ -199,9 +199,9 @@ def _set_dataset(config: ml_collections.ConfigDict, cfg: Mapping[str, Any]) -> N
   if dataset_type in _DATASETS:
     recipe, k = _DATASETS[dataset_type]
     if recipe == 'coco_stuff10k':
-      config_base.coco_stuff10k(config)
+      config_lib.coco_stuff10k(config)
     elif recipe == 'pascal_context':
-      config_base.pascal_context(config)
+      config_lib.pascal_context(config)
       if k == 59:
         config.dataset.tfds_name = 'pascal_context/59'
         config.dataset.reduce_zero_label = True
@@ -256,7 +256,7 @@ def to_config(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
   name = _model_name(model)
   backbone, head = dict(model['backbone']), dict(model['decode_head'])
   _check_supported(backbone, head, name)
-  config = config_base.get_base_config()
+  config = config_lib.get_base_config()
   _set_dataset(config, cfg)
   _set_model(config.model, backbone, head, name)
   config.dataset.num_classes = config.model.num_classes
