@@ -8,7 +8,7 @@ r"""Training and inference throughput of a config, JAX next to the PyTorch refer
 Run from the repository root (`-m`: the root's `segvit_jax` and `segvit_reference` are the ones
 imported). The JAX side is the product's own code on a one-device mesh (`config.mesh='data:1'`,
 the first device): `train.setup`, `train.create_state`, `train.make_train_step`, the model's eval
-forward and `evaluators.make_eval_step`. Random weights, batch `--batch_size`:
+forward and `eval_loop.make_eval_step`. Random weights, batch `--batch_size`:
 - compile time of the jitted train step, forward and eval step (JAX);
 - training step (model + ATM loss + AdamW with clipping: the trainer's step) at the train crop
   (config.dataset.crop_size): median seconds and images/s. Labels are ADE-like: 16 classes per
@@ -253,7 +253,8 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
             timing: Optional[Timing] = None):
   """The JAX measurements (module docstring) on the first device; `timing` as `_timed`'s."""
   import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import eval_loop  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
   from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
 
@@ -314,8 +315,9 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
                              'label_size': sizes, 'valid': np.ones(batch, bool)})
       conf = jax.device_put(np.zeros((k, k), np.int32), sharding.replicated(run.mesh))
       # As `segvit-compile` builds it: one program, the eval step of a run of this config.
-      eval_step = jax.jit(evaluators.make_eval_step(run.model, config),
-                          out_shardings=sharding.replicated(run.mesh))
+      eval_step = jax.jit(
+          eval_loop.make_eval_step(run.model, inference.InferenceSpec.from_config(config)),
+          out_shardings=sharding.replicated(run.mesh))
       slide_fn, out['compile_slide_s'] = compile_('slide', eval_step, variables, slide_batch,
                                                   conf)
       out['slide'] = _timed(lambda: slide_fn(variables, slide_batch, conf).block_until_ready(),
@@ -708,7 +710,7 @@ def _import_framework(framework: str) -> None:
   """Imports what a worker measures, before its first turn: startup is not measured, and the
   workers' imports run at the same time."""
   if framework == 'jax':
-    from segvit_jax.evaluation import evaluators  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from segvit_jax.evaluation import eval_loop  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     from segvit_jax.training import train
   else:
     import segvit_reference  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import

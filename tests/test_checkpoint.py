@@ -15,7 +15,7 @@ import pytest
 
 from segvit_jax import checkpoint
 from segvit_jax import config as config_lib
-from segvit_jax import predict
+from segvit_jax.evaluation import predictor
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
@@ -128,9 +128,9 @@ def test_flat_config_of_older_versions_says_what_to_do(tmp_path):
       message)
   assert '--config=<the configs/*.py file the run was trained with' in message
   with pytest.raises(UserError, match='flat layout'):
-    predict.load_checkpoint(workdir)
+    predictor.load_checkpoint(workdir)
   # With the config given, the params of such a workdir still load.
-  _, variables, _ = predict.load_checkpoint(workdir, config)
+  _, variables, _ = predictor.load_checkpoint(workdir, config)
   assert_trees_equal(variables['params'], random_params(config, 0))
 
 

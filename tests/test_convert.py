@@ -23,7 +23,7 @@ from segvit_jax import config as config_lib
 from segvit_jax.convert import checkpoints as convert
 from segvit_jax.convert import keymap
 from segvit_jax.convert import mmcv_config
-from segvit_jax import predict
+from segvit_jax.evaluation import predictor
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 from segvit_jax.models import vit as jax_vit
@@ -100,7 +100,7 @@ def test_cli_reads_the_architecture_from_meta(files, tmp_path):
   assert proc.stderr == ''
   assert sorted(os.listdir(dst)) == ['config.json', 'config.py', 'meta.json', 'params']
 
-  _, variables, config = predict.load_checkpoint(str(dst))
+  _, variables, config = predictor.load_checkpoint(str(dst))
   m = config.model
   assert (m.name, m.embed_dim, m.depth, m.num_heads, tuple(m.out_indices)) == (
       'segvit', 64, 4, 4, (1, 2, 3))
@@ -149,7 +149,7 @@ def test_bare_state_dict_with_config_matches_meta_conversion(files):
   dst = paths['dir'] / 'from_bare'
   message = convert.convert_to_dir(str(paths['bare']), str(dst), str(paths['config']))
   assert 'config from the given config' in message
-  _, variables, config = predict.load_checkpoint(str(dst))
+  _, variables, config = predictor.load_checkpoint(str(dst))
   assert config.model.num_classes == K and tuple(config.convert.class_names) == ()
   a, b = leaves(from_meta['params']), leaves(variables['params'])
   assert a.keys() == b.keys()

@@ -1,5 +1,7 @@
-"""evaluate.py against numpy / PyTorch re-implementations of mmseg's test path
+"""Inference and the eval loop against numpy / PyTorch re-implementations of mmseg's test path
 (`mmseg/models/segmentors/encoder_decoder.py`)."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -16,7 +18,8 @@ from conftest import PRODUCT_COMPILER_OPTIONS
 
 import mmcv_reference
 from segvit_jax import config as config_lib
-from segvit_jax.evaluation import evaluate
+from segvit_jax.evaluation import eval_loop
+from segvit_jax.evaluation import inference
 from segvit_jax.models import resize
 
 K = 4
@@ -130,12 +133,13 @@ def make_batch(rng, image_sizes, bucket, label_sizes=None, label_bucket=None, pa
   }
 
 
-def eval_config(**overrides):
-  config = config_lib.get_base_config().eval
-  config.crop_size = (8, 6)
-  config.stride = (5, 4)
-  config.update(overrides)
-  return config
+def inference_spec(**overrides):
+  """config.eval's defaults with 8 x 6 windows at stride 5 x 4, K classes, no test resize rule."""
+  e = config_lib.get_base_config().eval
+  settings = dict(num_classes=K, mode=e.mode, crop_size=(8, 6), stride=(5, 4),
+                  scales=tuple(e.scales), multi_scale=e.multi_scale, flip=e.flip)
+  settings.update(overrides)
+  return inference.InferenceSpec(**settings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def test_slide_inference_matches_mmseg_loop(fn, sizes):
   crop, stride = (8, 6), (5, 4)
   batch = make_batch(rng, sizes, bucket=(24, 32))
   score = {'local': local_scores, 'mixing': mixing_scores}[fn]
-  got = jax.jit(lambda x, s: evaluate.slide_inference(
+  got = jax.jit(lambda x, s: inference.slide_inference(
       lambda c: score(jnp, c), x, s, crop_size=crop, stride=stride, num_classes=K))(
           batch['image'], batch['image_size'])
   assert got.shape == (len(sizes), 24, 32, K)
@@ -165,7 +169,7 @@ def test_slide_inference_matches_mmseg_loop(fn, sizes):
 def test_slide_inference_bucket_smaller_than_crop():
   rng = np.random.default_rng(1)
   batch = make_batch(rng, [(5, 4), (3, 6)], bucket=(6, 6))
-  got = evaluate.slide_inference(lambda c: local_scores(jnp, c), batch['image'],
+  got = inference.slide_inference(lambda c: local_scores(jnp, c), batch['image'],
                                  batch['image_size'], crop_size=(8, 8), stride=(4, 4),
                                  num_classes=K)
   assert got.shape == (2, 6, 6, K)
@@ -183,7 +187,7 @@ def test_dynamic_resize_matches_resize_bilinear_and_torch():
   x = rng.normal(size=(4, 12, 16, 3)).astype(np.float32)
   in_sizes = np.array([[12, 16], [7, 9], [5, 16], [12, 3]], np.int32)
   out_sizes = np.array([[20, 25], [7, 9], [3, 4], [17, 2]], np.int32)  # up, same, down, mixed
-  got = jax.jit(lambda *a: evaluate.resize_bilinear_dynamic(*a, (24, 26)))(x, in_sizes, out_sizes)
+  got = jax.jit(lambda *a: inference.resize_bilinear_dynamic(*a, (24, 26)))(x, in_sizes, out_sizes)
   got = np.asarray(got)
   for i, ((h, w), (ho, wo)) in enumerate(zip(in_sizes, out_sizes)):
     region = x[i, :h, :w]
@@ -202,7 +206,7 @@ def torch_matrix(out_size, in_size):
 
 
 def taps_matrix(taps, in_max):
-  """The (out, in) matrix that `evaluate.dynamic_bilinear_taps`' taps apply."""
+  """The (out, in) matrix that `inference.dynamic_bilinear_taps`' taps apply."""
   lo, hi, w_lo, w_hi = (np.asarray(t) for t in taps)
   m = np.zeros((lo.shape[0], in_max), np.float32)
   rows = np.arange(lo.shape[0])
@@ -215,7 +219,7 @@ def test_dynamic_taps_equal_torch_and_static_matrix():
   for out_size, in_size in [(9, 4), (4, 9), (683, 2048), (1333, 999), (5, 5)]:
     args = (jnp.int32(out_size), jnp.int32(in_size))
     # Compiled as users' programs are (tests compile at -O0, which can move a last bit).
-    taps = jax.jit(evaluate.dynamic_bilinear_taps, static_argnums=2).lower(
+    taps = jax.jit(inference.dynamic_bilinear_taps, static_argnums=2).lower(
         *args, out_size + 3).compile(PRODUCT_COMPILER_OPTIONS)(*args)
     assert int(np.max(taps[0])) < in_size and int(np.max(taps[1])) < in_size
     m = taps_matrix(taps, in_size + 2)
@@ -229,7 +233,7 @@ def test_dynamic_taps_equal_torch_and_static_matrix():
 
 def test_flip_valid():
   x = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5, 1)
-  got = np.asarray(evaluate.flip_valid(jnp.asarray(x), jnp.array([5, 3])))
+  got = np.asarray(inference.flip_valid(jnp.asarray(x), jnp.array([5, 3])))
   np.testing.assert_array_equal(got[0], x[0, :, ::-1])
   np.testing.assert_array_equal(got[1, :, :3], x[1, :, 2::-1])
   assert not got[1, :, 3:].any()
@@ -245,7 +249,7 @@ def test_scaled_bucket_holds_every_scaled_image(img_scale, min_size):
     for h, w in sizes:
       size_1 = mmcv_rescale_size(int(h), int(w), img_scale, min_size)
       size_r = mmcv_rescale_size(int(h), int(w), scale_r, min_size)
-      bucket = evaluate._scaled_bucket(size_1, img_scale, ratio, min_size, (0, 0))
+      bucket = inference.scaled_bucket(size_1, img_scale, ratio, min_size, (0, 0))
       assert size_r[0] <= bucket[0] and size_r[1] <= bucket[1], (h, w, ratio, bucket)
       assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
       # Not wastefully loose either: within a few percent of the tightest possible bucket.
@@ -263,11 +267,9 @@ def test_predict_matches_reference(mode):
   label_sizes = [(15, 30), (9, 6), (25, 13)]  # down, same and up-sampling to the label size
   batch = make_batch(rng, image_sizes, (24, 32), label_sizes, (28, 32),
                      pad_value=None if mode == 'slide' else 0.0)
-  config = eval_config(mode=mode)
-  fn = jax.jit(lambda b: (
-      evaluate.predict_probs(lambda x: local_scores(jnp, x), b, eval_config=config,
-                             num_classes=K),
-      evaluate.predict(lambda x: local_scores(jnp, x), b, eval_config=config, num_classes=K)))
+  spec = inference_spec(mode=mode)
+  fn = jax.jit(lambda b: (inference.predict_probs(lambda x: local_scores(jnp, x), b, spec),
+                          inference.predict(lambda x: local_scores(jnp, x), b, spec)))
   probs, labels = (np.asarray(a) for a in fn(batch))
   assert probs.shape == (3, 28, 32, K) and labels.shape == (3, 28, 32) and labels.dtype == np.int32
   for i, ((h, w), (lh, lw)) in enumerate(zip(image_sizes, label_sizes)):
@@ -307,8 +309,8 @@ def test_eval_loop_matches_numpy_metrics():
       make_batch(rng, [(16, 11), (12, 12)], (24, 32), [(25, 13), (12, 20)], (28, 32)),
   ]
   batches[1]['valid'][1] = False  # a padding example of the last batch: must not count
-  step = evaluate.make_eval_step(FakeModel('mixing'), eval_config(), K)
-  got = evaluate.evaluate(step, {}, iter(batches), num_classes=K, class_names=list('abcd'))
+  step = eval_loop.make_eval_step(FakeModel('mixing'), inference_spec())
+  got = eval_loop.evaluate(step, {}, iter(batches), num_classes=K, class_names=list('abcd'))
   preds, labels = [], []
   for batch in batches:
     for i in range(2):
@@ -333,9 +335,9 @@ def test_flip_tta_matches_reference():
   rng = np.random.default_rng(6)
   image_sizes, label_sizes = [(20, 27), (9, 14)], [(15, 30), (9, 14)]
   batch = make_batch(rng, image_sizes, (24, 32), label_sizes, (16, 32))
-  config = eval_config(multi_scale=True, scales=(1.0,), flip=True)
-  probs = np.asarray(jax.jit(lambda b: evaluate.predict_probs(
-      lambda x: local_scores(jnp, x), b, eval_config=config, num_classes=K))(batch))
+  spec = inference_spec(multi_scale=True, scales=(1.0,), flip=True)
+  probs = np.asarray(jax.jit(lambda b: inference.predict_probs(
+      lambda x: local_scores(jnp, x), b, spec))(batch))
   for i, ((h, w), (lh, lw)) in enumerate(zip(image_sizes, label_sizes)):
     img = batch['image'][i, :h, :w]
     want = (np_probs(local_scores, img, (lh, lw), (8, 6), (5, 4)) +
@@ -366,14 +368,13 @@ def test_multi_scale_flip_tta_equals_single_scale_for_pointwise_fn():
            'scaled_size': np.array(scaled, np.int32),
            'label': np.zeros((3, *label_bucket), np.int32),
            'label_size': np.array(orig_sizes, np.int32)}
-  base = eval_config(crop_size=(16, 16), stride=(8, 8))
-  tta = eval_config(crop_size=(16, 16), stride=(8, 8), multi_scale=True, flip=True,
-                    scales=scales)
+  base = inference_spec(crop_size=(16, 16), stride=(8, 8), test_img_scale=img_scale,
+                        test_min_size=min_size)
+  tta = dataclasses.replace(base, multi_scale=True, flip=True, scales=scales)
 
-  def run(config):
-    return jax.jit(lambda b: evaluate.predict_probs(
-        lambda x: colour_scores(jnp, x), b, eval_config=config, num_classes=K,
-        test_img_scale=img_scale, test_min_size=min_size))(batch)
+  def run(spec):
+    return jax.jit(lambda b: inference.predict_probs(
+        lambda x: colour_scores(jnp, x), b, spec))(batch)
 
   single, multi = np.asarray(run(base)), np.asarray(run(tta))
   for i, (oh, ow) in enumerate(orig_sizes):
@@ -382,12 +383,10 @@ def test_multi_scale_flip_tta_equals_single_scale_for_pointwise_fn():
     assert (multi[i, :oh, :ow].argmax(-1)[:, far] == single[i, :oh, :ow].argmax(-1)[:, far]).all()
     assert not multi[i, oh:].any() and not multi[i, :, ow:].any()
   with pytest.raises(ValueError, match='test_img_scale'):
-    evaluate.predict_probs(lambda x: colour_scores(jnp, x), batch, eval_config=tta,
-                           num_classes=K)
+    dataclasses.replace(tta, test_img_scale=())
   no_sizes = {k: v for k, v in batch.items() if k != 'scaled_size'}
   with pytest.raises(ValueError, match='scaled_size'):
-    evaluate.predict_probs(lambda x: colour_scores(jnp, x), no_sizes, eval_config=tta,
-                           num_classes=K, test_img_scale=img_scale, test_min_size=min_size)
+    inference.predict_probs(lambda x: colour_scores(jnp, x), no_sizes, tta)
 
 
 def evaluate_sizes(size, img_scale, min_size):
@@ -405,8 +404,7 @@ class _PixelModel(nn.Module):
 
 
 def test_eval_step_on_a_4_device_mesh_matches_single_device():
-  config = config_lib.get_base_config().eval
-  config.crop_size, config.stride = (8, 8), (5, 5)
+  spec = inference_spec(crop_size=(8, 8), stride=(5, 5))
   rng = np.random.default_rng(0)
   sizes = np.array([[20, 27], [9, 8], [16, 11], [12, 30]], np.int32)
   batch = {'image': rng.normal(size=(4, 24, 32, 3)).astype(np.float32), 'image_size': sizes,
@@ -414,11 +412,11 @@ def test_eval_step_on_a_4_device_mesh_matches_single_device():
            'valid': np.array([True, True, False, True])}
   mesh = Mesh(np.array(jax.devices()[:4]), ('data',))
   sharded = {k: jax.device_put(v, NamedSharding(mesh, P('data'))) for k, v in batch.items()}
-  step = evaluate.make_eval_step(_PixelModel(), config, 4)
-  conf = step({}, sharded, evaluate._zeros_conf(4, mesh))  # pylint: disable=protected-access
+  step = eval_loop.make_eval_step(_PixelModel(), spec)
+  conf = step({}, sharded, eval_loop.zeros_confusion(4, mesh))
   assert conf.sharding.is_fully_replicated, conf.sharding
-  single = evaluate.evaluate(step, {}, [batch, batch], num_classes=4)['confusion_matrix']
-  multi = evaluate.evaluate(step, {}, [sharded, sharded], num_classes=4)['confusion_matrix']
+  single = eval_loop.evaluate(step, {}, [batch, batch], num_classes=4)['confusion_matrix']
+  multi = eval_loop.evaluate(step, {}, [sharded, sharded], num_classes=4)['confusion_matrix']
   np.testing.assert_array_equal(single, multi)
   np.testing.assert_array_equal(single, 2 * np.asarray(conf))
   assert single.sum() > 0
@@ -426,11 +424,10 @@ def test_eval_step_on_a_4_device_mesh_matches_single_device():
 
 def test_bad_config_errors():
   with pytest.raises(ValueError, match='test_img_scale'):
-    evaluate.make_eval_step(FakeModel(), eval_config(multi_scale=True), K)
+    eval_loop.make_eval_step(FakeModel(), inference_spec(multi_scale=True))
   batch = make_batch(np.random.default_rng(0), [(8, 8)], (8, 8))
   with pytest.raises(ValueError, match='mode'):
-    evaluate.predict(lambda x: local_scores(jnp, x), batch, eval_config=eval_config(mode='x'),
-                     num_classes=K)
+    inference.predict(lambda x: local_scores(jnp, x), batch, inference_spec(mode='x'))
 
 
 # ------------------------------------------------------------------------------------------
@@ -449,7 +446,7 @@ def test_make_eval_step_with_tiny_segvit_matches_window_loop():
   init = jax.jit(lambda key: jax.tree.map(lambda p: 3 * p, nn.unbox(
       model.init({'params': key}, jnp.zeros((1, 32, 32, 3)), train=False))))
   variables = init(jax.random.key(3))  # a key whose model predicts 2 of the 3 classes here
-  config = eval_config(crop_size=(32, 32), stride=(21, 21))
+  spec = inference_spec(crop_size=(32, 32), stride=(21, 21), num_classes=k)
   rng = np.random.default_rng(8)
   image_sizes, label_sizes = [(48, 61), (32, 40)], [(40, 50), (35, 40)]
   batch = make_batch(rng, image_sizes, (48, 64), label_sizes, (40, 56))
@@ -467,8 +464,8 @@ def test_make_eval_step_with_tiny_segvit_matches_window_loop():
     labels.append(batch['label'][i, :lh, :lw].ravel())
   assert len(np.unique(np.concatenate(preds))) >= 2  # the comparison below is informative
 
-  step = evaluate.make_eval_step(model, config, k)
-  got = evaluate.evaluate(step, variables, [batch], num_classes=k)
+  step = eval_loop.make_eval_step(model, spec)
+  got = eval_loop.evaluate(step, variables, [batch], num_classes=k)
   conf = np.zeros((k, k), np.int64)
   for p, lbl in zip(preds, labels):
     np.add.at(conf, (lbl[lbl != IGNORE], p[lbl != IGNORE]), 1)

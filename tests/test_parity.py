@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from segvit_jax import losses
-from segvit_jax import predict
+from segvit_jax.evaluation import predictor
 from segvit_jax.models import atm
 from segvit_jax.models import segvit
 import segvit_reference as ref
@@ -83,7 +83,7 @@ def converted(tmp_path_factory):
           classes=[f'class{i}' for i in range(NUM_CLASSES)],
           palette=[[i, 2 * i, 3 * i] for i in range(NUM_CLASSES)])
       run_cli(src, dst)
-      jax_model, variables, config = predict.load_checkpoint(str(dst))
+      jax_model, variables, config = predictor.load_checkpoint(str(dst))
       cache[variant] = (model, jax_model, variables, config)
     return cache[variant]
 

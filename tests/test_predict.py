@@ -15,9 +15,10 @@ import pytest
 import mmcv_reference
 from segvit_jax import checkpoint
 from segvit_jax import config as config_lib
-from segvit_jax.evaluation import evaluate
 from segvit_jax.data import mmseg_rules
 from segvit_jax import predict
+from segvit_jax.evaluation import inference
+from segvit_jax.evaluation import predictor as predictor_lib
 from segvit_jax.evaluation import visualize
 from segvit_jax.models import segvit
 
@@ -101,24 +102,22 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def predictor(setup):
-  return predict.load(setup['ckpt'])
+  return predictor_lib.load(setup['ckpt'])
 
 
-def direct_probs(predictor, image, eval_config):
-  """evaluate.predict_probs on one unpadded image, bypassing buckets and batching."""
+def direct_probs(predictor, image, spec):
+  """inference.predict_probs on one unpadded image, bypassing buckets and batching."""
   d = predictor.config.dataset
   h, w = image.shape[:2]
   scale = tuple(d.test_img_scale)
   size = mmcv_reference.rescale_size(h, w, scale, d.test_min_size)
   x = mmcv_reference.imnormalize(mmcv_reference.imresize_linear(image, *size), d.mean, d.std)
   scaled = [mmcv_reference.rescale_size(h, w, mmcv_reference.ratio_scale(scale, r),
-                                        d.test_min_size) for r in eval_config.scales]
+                                        d.test_min_size) for r in spec.scales]
   batch = {'image': jnp.asarray(x[None], jnp.float32), 'image_size': jnp.asarray([size]),
            'scaled_size': jnp.asarray([scaled]), 'label_size': jnp.asarray([[h, w]])}
-  fn = jax.jit(lambda v, b: evaluate.predict_probs(
-      lambda im: predictor.model.apply(v, im, train=False), b, eval_config=eval_config,
-      num_classes=K, test_img_scale=tuple(d.test_img_scale), test_min_size=d.test_min_size,
-      output_shape=(h, w)))
+  fn = jax.jit(lambda v, b: inference.predict_probs(
+      lambda im: predictor.model.apply(v, im, train=False), b, spec, output_shape=(h, w)))
   return np.asarray(fn(predictor.variables, batch))[0]
 
 
@@ -150,7 +149,7 @@ def test_cli_writes_every_readable_image_and_names_the_corrupt_one(setup):
 def test_segment_matches_evaluate_and_compiles_once_per_bucket(setup, predictor):
   paths = [os.path.join(setup['inputs'], n) for n, _ in IMAGES]
   paths.insert(1, os.path.join(setup['inputs'], 'broken.jpg'))
-  summary = predict.Summary()
+  summary = predictor_lib.Summary()
   results = predict.segment(paths, predictor, batch_size=2, scores=True,
                             scores_dtype=np.float32, summary=summary)
   assert results[1] is None and [n for n, _ in summary.skipped] == [paths[1]]
@@ -164,7 +163,7 @@ def test_segment_matches_evaluate_and_compiles_once_per_bucket(setup, predictor)
   # The 40x56 image is resized to 32x45 and padded to its 32x64 bucket, batched with the 30x90
   # one: the padding and the batch must not change its probabilities.
   name = IMAGES[0][0]
-  probs = direct_probs(predictor, setup['originals'][name], predictor.config.eval)
+  probs = direct_probs(predictor, setup['originals'][name], predictor.spec)
   np.testing.assert_allclose(good[0]['scores'], probs, atol=1e-5)
   assert_same_argmax(good[0]['labels'], probs)
   assert len(np.unique(np.concatenate([r['labels'].ravel() for r in good]))) >= 2
@@ -173,7 +172,7 @@ def test_segment_matches_evaluate_and_compiles_once_per_bucket(setup, predictor)
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, *a, **k: compiles.append(event) if 'backend_compile' in event else None)
-  again = predict.Summary()
+  again = predictor_lib.Summary()
   arrays = [setup['originals'][n] for n, _ in IMAGES]
   second = predict.segment([arrays[0], Image.fromarray(arrays[1]), arrays[2]], predictor,
                            batch_size=2, scores=True, scores_dtype=np.float32, summary=again)
@@ -194,12 +193,12 @@ def test_tta_matches_evaluate(setup, predictor):
   name, (h, w) = IMAGES[2]
   image = setup['originals'][name]
   result, = predict.segment([image], predictor, tta=True, scores=True, scores_dtype=np.float32)
-  eval_config = predictor.eval_config(tta=True)
-  assert eval_config.multi_scale and eval_config.flip
-  probs = direct_probs(predictor, image, eval_config)
+  spec = predictor.spec.with_tta()
+  assert spec.multi_scale and spec.flip
+  probs = direct_probs(predictor, image, spec)
   np.testing.assert_allclose(result['scores'], probs, atol=1e-5)
   assert_same_argmax(result['labels'], probs)
-  plain = direct_probs(predictor, image, predictor.config.eval)
+  plain = direct_probs(predictor, image, predictor.spec)
   assert np.abs(plain - probs).max() > 1e-3  # the augmentations changed something
 
 
@@ -211,7 +210,7 @@ def test_training_workdir_restores_params_only(setup, predictor, tmp_path):
   ckpt.save(7, jax.tree.map(jnp.asarray, state))
   ckpt.close()
   checkpoint.write_config(str(tmp_path / 'config.json'), setup['config'])  # as the trainer does
-  loaded = predict.load(str(tmp_path))
+  loaded = predictor_lib.load(str(tmp_path))
   assert loaded.config.eval.crop_size == (32, 32)
   assert loaded.config.model.to_dict() == setup['config'].model.to_dict()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.variables['params']),
@@ -232,10 +231,10 @@ def test_read_image_is_opencv_decoding(tmp_path):
                'png palette + tRNS', 'png rgba'):
     path = tmp_path / 'image'
     path.write_bytes(variants[name])
-    np.testing.assert_array_equal(predict.read_image(str(path)),
+    np.testing.assert_array_equal(predictor_lib.read_image(str(path)),
                                   mmcv_reference.imdecode(variants[name]), err_msg=name)
   pil = Image.open(tmp_path / 'image')
-  np.testing.assert_array_equal(predict.read_image(pil), mmseg_rules.image_to_rgb(pil))
+  np.testing.assert_array_equal(predictor_lib.read_image(pil), mmseg_rules.image_to_rgb(pil))
 
 
 def test_jpeg_gives_the_labels_of_a_png_of_opencvs_decoding(tmp_path, predictor):

@@ -22,7 +22,7 @@ import pytest
 
 from segvit_jax import checkpoint
 from segvit_jax import fileio
-from segvit_jax import predict
+from segvit_jax.evaluation import predictor
 from segvit_jax.training import train
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
@@ -156,7 +156,7 @@ def test_predict_and_eval_on_a_damaged_workdir(reference, tmp_path):
   assert proc.stderr.splitlines() == [
       f'error: --checkpoint={workdir}: checkpoint step 6 cannot be read '
       f'({ckdir}/6/default/_sharding: Invalid JSON); step 3 loads: add --step=3.']
-  assert predict.load(workdir, step=3).config.model.depth == 2
+  assert predictor.load(workdir, step=3).config.model.depth == 2
 
   config = tiny_runs.tiny_config(init_checkpoint=workdir)
   with pytest.raises(UserError) as info:

@@ -52,7 +52,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from segvit_jax import cli
-from segvit_jax.evaluation import evaluate
+from segvit_jax.evaluation import inference
 from segvit_jax.aot import hlo_cost
 from segvit_jax.training import preflight
 from segvit_jax import sharding
@@ -206,13 +206,14 @@ class Programs:
 
 def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
   """The train and eval steps of a run of `config` on `devices`, as the trainer builds them."""
-  from segvit_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import eval_loop  # pylint: disable=g-import-not-at-top
   from segvit_jax.training import train  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   run = train.setup(config, devices)
   train_step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
                                      run.spec)
-  eval_step = jax.jit(evaluators.make_eval_step(run.model, config),
-                      out_shardings=sharding.replicated(run.mesh))
+  eval_step = jax.jit(
+      eval_loop.make_eval_step(run.model, inference.InferenceSpec.from_config(config)),
+      out_shardings=sharding.replicated(run.mesh))
   eval_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              run.spec.abstract.params, run.spec.model_params)
   return Programs(mesh=run.mesh, state=run.spec.abstract, eval_params=eval_params,
@@ -346,16 +347,15 @@ def eval_forwards(config: ml_collections.ConfigDict) -> list:
   e, d = config.eval, config.dataset
   bucket = tuple(int(s) for s in d.eval_pad_size)
   crop = tuple(int(s) for s in e.crop_size)
-  ratios, flips = evaluate.augmentations(e)
+  spec = inference.InferenceSpec.from_config(config)
+  ratios, flips = spec.ratios, spec.flips
   out = []
   for ratio in ratios:
-    size = bucket if ratio == 1.0 else evaluate._scaled_bucket(  # pylint: disable=protected-access
-        bucket, tuple(d.test_img_scale), ratio, int(d.test_min_size),
-        crop if e.mode == 'slide' else (0, 0))
+    size = bucket if ratio == 1.0 else spec.scaled_bucket(bucket, ratio)
     if e.mode == 'whole':
       out.append((size, len(flips)))
     else:
-      grid = [evaluate.window_count(max(s, c), c, int(st))
+      grid = [inference.window_count(max(s, c), c, int(st))
               for s, c, st in zip(size, crop, e.stride)]
       out.append((crop, len(flips) * grid[0] * grid[1]))
   return out

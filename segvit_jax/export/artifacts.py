@@ -161,12 +161,13 @@ def inference_function(model, variables, config: ml_collections.ConfigDict,
   `variables` are closed over (constants of the traced program). `batch`: the batch dimension
   of the spec, an int or a symbolic dimension (default: a fresh symbolic 'batch').
   """
+  from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   if batch is None:
     batch = jax.export.symbolic_shape('batch')[0]
   h, w = size
-  d = config.dataset
-  mean = np.asarray(d.mean, np.float32)
-  std = np.asarray(d.std, np.float32)
+  spec = inference.InferenceSpec.from_config(config)
+  mean = np.asarray(spec.mean, np.float32)
+  std = np.asarray(spec.std, np.float32)
 
   def scores(images):
     return model.apply(variables, images, train=False).astype(jnp.float32)
@@ -195,8 +196,10 @@ def _versions(fmt: str) -> Dict[str, str]:
 
 def sidecar(config: ml_collections.ConfigDict, r: Request, source: str) -> Dict[str, Any]:
   """The JSON description of an export (what a server needs besides the artifact)."""
+  from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
   h, w = r.size
+  spec = inference.InferenceSpec.from_config(config)
   k = int(config.model.num_classes)
   classes = visualize.classes(config)
   scores = {'name': 'scores', 'shape': [None, h, w, k], 'dtype': 'float32',
@@ -211,8 +214,7 @@ def sidecar(config: ml_collections.ConfigDict, r: Request, source: str) -> Dict[
                 'dtype': 'uint8' if r.end_to_end else 'float32', 'channels': 'RGB'},
       'outputs': outputs,
       'size': [h, w],
-      'normalization': {'mean': [float(x) for x in config.dataset.mean],
-                        'std': [float(x) for x in config.dataset.std],
+      'normalization': {'mean': list(spec.mean), 'std': list(spec.std),
                         'formula': '(rgb - mean) / std',
                         'applied': 'inside' if r.end_to_end else 'by the caller'},
       'num_classes': k,
@@ -293,7 +295,7 @@ def export(checkpoint: str, format: str,  # pylint: disable=redefined-builtin
   Returns the sidecar dict (also written next to the artifact). Raises UserError for a request
   that cannot work, before anything is written.
   """
-  from segvit_jax import predict  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import predictor  # pylint: disable=g-import-not-at-top
   r = Request(format, tuple(int(s) for s in size), os.fspath(output), bool(end_to_end),
               tuple(platforms), dtype)
   check_request(r)
@@ -307,7 +309,7 @@ def export(checkpoint: str, format: str,  # pylint: disable=redefined-builtin
   if not os.path.isdir(checkpoint):
     raise UserError(f'--checkpoint={checkpoint} is not a directory: give a segvit-convert '
                     'output or a training workdir.')
-  _, variables, config = predict.load_checkpoint(checkpoint, config)
+  _, variables, config = predictor.load_checkpoint(checkpoint, config)
   check_size(r.size, int(config.model.patch_size))
   model = export_model(config, r.dtype, r.format)
   info = sidecar(config, r, checkpoint)

@@ -78,14 +78,15 @@ def segment_files(path: str, sources: Sequence[Tuple[str, str]], output: str, *,
                   batch_size: int = 1, scores: bool = False, scores_dtype: Any = np.float16,
                   summary: Optional[Any] = None):
   """Segments (path, name) sources with the artifact at `path`, writing what `predict` writes
-  (labels/, overlays/, scores/ under `output`). Returns the filled `predict.Summary`."""
+  (labels/, overlays/, scores/ under `output`). Returns the filled `predictor.Summary`."""
   import time  # pylint: disable=g-import-not-at-top
   from segvit_jax.data import mmseg_rules  # pylint: disable=g-import-not-at-top
   from segvit_jax import predict  # pylint: disable=g-import-not-at-top
+  from segvit_jax.evaluation import predictor  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import resize  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
   model = load(path)
-  summary = summary if summary is not None else predict.Summary()
+  summary = summary if summary is not None else predictor.Summary()
   to_size = jax.jit(resize.resize_bilinear, static_argnums=1)
   t0 = time.perf_counter()
 
@@ -107,7 +108,7 @@ def segment_files(path: str, sources: Sequence[Tuple[str, str]], output: str, *,
   batch = []
   for source, name in sources:
     try:
-      batch.append((name, predict.read_image(source)))
+      batch.append((name, predictor.read_image(source)))
     except Exception as e:  # pylint: disable=broad-except
       summary.skipped.append((source, f'{type(e).__name__}: {e}'))
       continue

@@ -1,10 +1,10 @@
-"""Evaluation as mmseg 0.24's `EncoderDecoder` does it
-(`mmseg/models/segmentors/encoder_decoder.py`), with static shapes under jit.
+"""Inference as mmseg 0.24's `EncoderDecoder` runs it
+(`mmseg/models/segmentors/encoder_decoder.py`), with static shapes under jit, and the one
+`InferenceSpec` of its settings, built from the config.
 
-    eval_step = make_eval_step(model, config.eval, K,                # (variables, batch, conf)
-                               test_img_scale=config.dataset.test_img_scale,
-                               test_min_size=config.dataset.test_min_size)
-    results = evaluate(eval_step, variables, batches, num_classes=K)  # {'miou', 'macc', ...}
+    spec = InferenceSpec.from_config(config)           # config.eval + the test resize rule
+    probs = predict_probs(score_fn, batch, spec)       # (B, Hl, Wl, K) softmax at label size
+    labels = predict(score_fn, batch, spec)            # (B, Hl, Wl) int32, 255 outside
 
 Per image, mmseg: resize by the test rule -> sliding windows (or the whole image) -> average of
 the window scores -> bilinear resize (align_corners=False) to the original label size -> softmax
@@ -35,24 +35,98 @@ Deviations from mmseg, all forced by static shapes or by what the batch carries:
   `mmseg_rules.rescale_size` by the input pipeline or the predictor, in mmcv's float64).
 """
 
+import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segvit_jax import distributed
-from segvit_jax.evaluation import metrics
 from segvit_jax.data import mmseg_rules
+from segvit_jax.errors import UserError
 
 ScoreFn = Callable[[jnp.ndarray], jnp.ndarray]
 
 # TTA image buckets are rounded up to this (a multiple of the patch size, for `mode='whole'`).
 _BUCKET_MULTIPLE = 32
-# Pixels an int32 confusion matrix may count before `evaluate` moves it to the host.
-_INT32_SAFE_PIXELS = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# The settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSpec:
+  """How images are segmented at test time: mmseg's test pipeline and `test_cfg`.
+
+  Built from a config by `from_config` alone; training evaluation, the figure, `predict` and
+  `export` read their settings here.
+
+  Attributes:
+    num_classes: K, the model's output classes (config.model.num_classes).
+    mode: 'slide' (sliding windows) or 'whole' (the model on the whole padded image).
+    crop_size, stride: (h, w) of the sliding windows and their step.
+    scales: config.eval.scales, the ratios whose test-resized size a batch carries
+      ('scaled_size' (B, len(scales), 2)), whether or not multi-scale TTA is on.
+    multi_scale: test-time augmentation over `scales` (mmseg's `--aug-test`).
+    flip: with `multi_scale`, horizontal flips too.
+    test_img_scale, test_min_size: the test resize rule (config.dataset; `mmseg_rules.rescale_size`);
+      an empty scale is allowed only without ratios other than 1.
+    mean, std: RGB normalisation of the model input, (x - mean) / std (config.dataset); the
+      identity by default, for callers that hand over normalised images.
+  """
+  num_classes: int
+  mode: str
+  crop_size: Tuple[int, int]
+  stride: Tuple[int, int]
+  scales: Tuple[float, ...] = (1.0,)
+  multi_scale: bool = False
+  flip: bool = False
+  test_img_scale: Tuple[int, ...] = ()
+  test_min_size: int = 0
+  mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+  std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+  def __post_init__(self):
+    if self.mode not in ('slide', 'whole'):
+      raise UserError(f"config.eval.mode={self.mode!r}: expected 'slide' or 'whole'.")
+    if any(r != 1.0 for r in self.ratios) and not self.test_img_scale:
+      raise UserError('config.eval.multi_scale with scales other than 1.0 needs the test resize '
+                      'rule, config.dataset.test_img_scale (and test_min_size).')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'InferenceSpec':
+    """The settings of `config`: config.eval, the test resize and normalisation of
+    config.dataset, config.model.num_classes."""
+    e, d = config.eval, config.dataset
+    return cls(num_classes=int(config.model.num_classes), mode=e.mode,
+               crop_size=tuple(int(s) for s in e.crop_size),
+               stride=tuple(int(s) for s in e.stride),
+               scales=tuple(float(r) for r in e.scales), multi_scale=bool(e.multi_scale),
+               flip=bool(e.flip), test_img_scale=tuple(int(s) for s in d.test_img_scale),
+               test_min_size=int(d.get('test_min_size', 0)),
+               mean=tuple(float(x) for x in d.mean), std=tuple(float(x) for x in d.std))
+
+  def with_tta(self) -> 'InferenceSpec':
+    """These settings with multi-scale and flip test-time augmentation on (`predict --tta`)."""
+    return dataclasses.replace(self, multi_scale=True, flip=True)
+
+  @property
+  def ratios(self) -> Tuple[float, ...]:
+    """The scale ratios averaged over: `scales` with multi-scale TTA, else (1.0,)."""
+    return self.scales if self.multi_scale else (1.0,)
+
+  @property
+  def flips(self) -> Tuple[bool, ...]:
+    """(False, True) with flip TTA, else (False,)."""
+    return (False, True) if self.multi_scale and self.flip else (False,)
+
+  def scaled_bucket(self, bucket: Tuple[int, int], ratio: float) -> Tuple[int, int]:
+    """The static bucket of a batch's images at `ratio`, given their scale-1 `bucket`."""
+    return scaled_bucket(bucket, self.test_img_scale, ratio, self.test_min_size,
+                         self.crop_size if self.mode == 'slide' else (0, 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +211,7 @@ def _ratio_scale(img_scale: Sequence[int], ratio: float) -> Tuple[int, int]:
   return int(scale[0]), int(scale[1])
 
 
-def _scaled_bucket(bucket: Tuple[int, int], img_scale: Sequence[int], ratio: float,
+def scaled_bucket(bucket: Tuple[int, int], img_scale: Sequence[int], ratio: float,
                    min_size: int, min_shape: Tuple[int, int]) -> Tuple[int, int]:
   """A static bucket holding every image's size at `ratio` given its scale-1 size fits `bucket`.
 
@@ -249,29 +323,16 @@ def whole_inference(score_fn: ScoreFn, images: jnp.ndarray) -> jnp.ndarray:
   return score_fn(images).astype(jnp.float32)
 
 
-def augmentations(eval_config) -> Tuple[Tuple[float, ...], Tuple[bool, ...]]:
-  """(scale ratios, flips) of `config.eval`: ((1.0,), (False,)) unless `multi_scale`."""
-  if not eval_config.multi_scale:
-    return (1.0,), (False,)
-  flips = (False, True) if eval_config.flip else (False,)
-  return tuple(float(r) for r in eval_config.scales), flips
-
-
-def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_config,
-                  num_classes: int, test_img_scale: Optional[Sequence[int]] = None,
-                  test_min_size: int = 0,
+def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], spec: InferenceSpec, *,
                   output_shape: Optional[Tuple[int, int]] = None) -> jnp.ndarray:
   """Class probabilities at the original resolution, averaged over augmentations.
 
   Args:
     score_fn: images (N, H, W, 3) -> scores (N, H, W, K); the model's eval forward.
     batch: the eval batch: 'image' (B, Hb, Wb, 3), 'image_size' (B, 2), 'label_size' (B, 2);
-      with multi-scale ratios other than 1, 'scaled_size' (B, len(eval_config.scales), 2), the
+      with multi-scale ratios other than 1, 'scaled_size' (B, len(spec.scales), 2), the
       test-resized (h, w) at each ratio.
-    eval_config: `config.eval` (mode, crop_size, stride, multi_scale, scales, flip).
-    num_classes: K.
-    test_img_scale, test_min_size: `config.dataset.test_img_scale` / `test_min_size`, the test
-      resize rule; needed for multi-scale ratios other than 1 (static buckets).
+    spec: the inference settings.
     output_shape: static (Hl, Wl) bucket of the result; default: batch['label'].shape[1:3].
   Returns:
     (B, Hl, Wl, K) float32 softmax probabilities, zero outside each image's label size.
@@ -283,33 +344,24 @@ def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_conf
     if 'label' not in batch:
       raise ValueError("predict: the batch has no 'label'; pass output_shape=(Hl, Wl).")
     output_shape = tuple(batch['label'].shape[1:3])
-  mode = eval_config.mode
-  if mode not in ('slide', 'whole'):
-    raise ValueError(f"config.eval.mode={mode!r}: expected 'slide' or 'whole'.")
-  crop = tuple(int(s) for s in eval_config.crop_size)
-  ratios, flips = augmentations(eval_config)
+  num_classes, ratios, flips = spec.num_classes, spec.ratios, spec.flips
   if any(r != 1.0 for r in ratios):
-    if not test_img_scale:
-      raise ValueError('config.eval.multi_scale needs the test resize rule: pass '
-                       'test_img_scale=config.dataset.test_img_scale and '
-                       'test_min_size=config.dataset.test_min_size.')
     if batch.get('scaled_size') is None or batch['scaled_size'].shape[1:] != (len(ratios), 2):
       raise ValueError(f"config.eval.multi_scale: the batch needs 'scaled_size' (B, {len(ratios)}, "
                        '2), the test-resized size at each of config.eval.scales.')
 
   def infer(x, size):
-    if mode == 'whole':
+    if spec.mode == 'whole':
       return whole_inference(score_fn, x)
-    return slide_inference(score_fn, x, size, crop_size=crop,
-                           stride=tuple(eval_config.stride), num_classes=num_classes)
+    return slide_inference(score_fn, x, size, crop_size=spec.crop_size, stride=spec.stride,
+                           num_classes=num_classes)
 
   total = jnp.zeros((images.shape[0], *output_shape, num_classes), jnp.float32)
   for index, ratio in enumerate(ratios):
     if ratio == 1.0:
       x, size = images, image_size
     else:
-      bucket = _scaled_bucket(images.shape[1:3], test_img_scale, ratio, int(test_min_size),
-                              crop if mode == 'slide' else (0, 0))
+      bucket = spec.scaled_bucket(images.shape[1:3], ratio)
       size = jnp.asarray(batch['scaled_size'], jnp.int32)[:, index]
       size = jnp.minimum(size, jnp.asarray(bucket, jnp.int32))
       x = resize_bilinear_dynamic(images, image_size, size, bucket).astype(images.dtype)
@@ -320,134 +372,24 @@ def predict_probs(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_conf
       if flip:
         probs = flip_valid(probs, label_size[:, 1])
       total = total + probs
-  inside = _inside(label_size, output_shape)
+  inside = within_sizes(label_size, output_shape)
   return jnp.where(inside[..., None], total / (len(ratios) * len(flips)), 0.0)
 
 
-def _inside(sizes: jnp.ndarray, shape: Tuple[int, int]) -> jnp.ndarray:
-  """(B, H, W) bool: pixel within the image's (h, w)."""
+def within_sizes(sizes: jnp.ndarray, shape: Tuple[int, int]) -> jnp.ndarray:
+  """(B, H, W) bool: pixel within the image's (h, w); sizes (B, 2) int32, shape static (H, W)."""
   rows = jnp.arange(shape[0])[None, :, None] < sizes[:, 0, None, None]
   cols = jnp.arange(shape[1])[None, None, :] < sizes[:, 1, None, None]
   return rows & cols
 
 
-def predict(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], *, eval_config, num_classes: int,
-            test_img_scale: Optional[Sequence[int]] = None, test_min_size: int = 0,
+def predict(score_fn: ScoreFn, batch: Dict[str, jnp.ndarray], spec: InferenceSpec, *,
             output_shape: Optional[Tuple[int, int]] = None) -> jnp.ndarray:
   """Predicted labels (B, Hl, Wl) int32 at the original resolution; 255 outside label_size.
 
   See `predict_probs` for the arguments; the argmax of the averaged softmax, as mmseg.
   """
-  probs = predict_probs(score_fn, batch, eval_config=eval_config, num_classes=num_classes,
-                        test_img_scale=test_img_scale, test_min_size=test_min_size,
-                        output_shape=output_shape)
+  probs = predict_probs(score_fn, batch, spec, output_shape=output_shape)
   labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-  inside = _inside(jnp.asarray(batch['label_size'], jnp.int32), probs.shape[1:3])
+  inside = within_sizes(jnp.asarray(batch['label_size'], jnp.int32), probs.shape[1:3])
   return jnp.where(inside, labels, mmseg_rules.IGNORE_LABEL)
-
-
-# --------------------------------------------------------------------------------------------
-# The eval step and the loop.
-
-
-def batch_confusion(pred: jnp.ndarray, batch: Dict[str, jnp.ndarray],
-                    num_classes: int) -> jnp.ndarray:
-  """(K, K) confusion of a batch: padding examples, 255 and pixels beyond label_size ignored."""
-  label = batch['label']
-  valid = _inside(jnp.asarray(batch['label_size'], jnp.int32), label.shape[1:3])
-  if 'valid' in batch:
-    valid = valid & jnp.asarray(batch['valid'], bool)[:, None, None]
-  return metrics.confusion_matrix(pred, label, num_classes, valid=valid)
-
-
-def make_eval_step(model, eval_config, num_classes: int, *,
-                   test_img_scale: Optional[Sequence[int]] = None,
-                   test_min_size: int = 0) -> Callable[..., jnp.ndarray]:
-  """Jitted (variables, batch, conf) -> conf + this batch's (K, K) int32 confusion matrix.
-
-  Args:
-    model: a linen Module whose `apply(variables, images, train=False)` returns (N, H, W, K)
-      scores (`segvit.build_model`).
-    eval_config: `config.eval`.
-    num_classes: K.
-    test_img_scale, test_min_size: `config.dataset.test_img_scale` / `.test_min_size`; required
-      when `config.eval.multi_scale` is on.
-
-  Call it under the trainer's mesh / logical-axis-rules contexts. When the batch holds global
-  arrays on a mesh, the returned matrix is replicated over that mesh (the sum over every
-  device and host); the jit is built once per mesh.
-  """
-  ratios, _ = augmentations(eval_config)
-  if any(r != 1.0 for r in ratios) and not test_img_scale:
-    raise ValueError('config.eval.multi_scale needs test_img_scale=config.dataset.test_img_scale '
-                     '(and test_min_size=config.dataset.test_min_size) in make_eval_step.')
-
-  def step(variables, batch, conf):
-    score_fn = lambda x: model.apply(variables, x, train=False)
-    pred = predict(score_fn, batch, eval_config=eval_config, num_classes=num_classes,
-                   test_img_scale=test_img_scale, test_min_size=test_min_size)
-    return conf + batch_confusion(pred, batch, num_classes)
-
-  compiled = {}
-
-  def eval_step(variables, batch, conf):
-    mesh = _mesh_of(batch)
-    if mesh not in compiled:
-      out = NamedSharding(mesh, P()) if mesh is not None else None
-      compiled[mesh] = distributed.compiled_together(jax.jit(step, out_shardings=out),
-                                                     'the eval step')
-    return compiled[mesh](variables, batch, conf)
-
-  return eval_step
-
-
-def _mesh_of(batch):
-  sharding = getattr(batch.get('label', batch.get('image')), 'sharding', None)
-  return sharding.mesh if isinstance(sharding, NamedSharding) else None
-
-
-def _zeros_conf(num_classes: int, mesh) -> Any:
-  zeros = np.zeros((num_classes, num_classes), np.int32)
-  return zeros if mesh is None else jax.device_put(zeros, NamedSharding(mesh, P()))
-
-
-def _to_host(conf) -> np.ndarray:
-  """A (K, K) matrix to host numpy; a replicated global array needs no communication."""
-  if isinstance(conf, jax.Array) and not conf.is_fully_addressable:
-    if conf.is_fully_replicated:
-      return np.asarray(conf.addressable_data(0), np.int64)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(conf, tiled=True), np.int64)
-  return np.asarray(jax.device_get(conf), np.int64)
-
-
-def evaluate(eval_step: Callable[..., Any], variables: Any,
-             batches: Iterable[Dict[str, Any]], *, num_classes: int,
-             class_names: Optional[Sequence[str]] = None,
-             max_batches: Optional[int] = None) -> Dict[str, Any]:
-  """Runs `eval_step` over `batches` and returns `metrics.segmentation_metrics` of the split.
-
-  The confusion matrix stays on device between batches; it is fetched once at the end, or
-  earlier whenever the pixels counted since the last fetch could overflow int32 (the bound comes
-  from the static label shapes, so no synchronisation is needed to know it). The result also has
-  'confusion_matrix' ((K, K) int64) and 'num_batches'.
-  """
-  total = np.zeros((num_classes, num_classes), np.int64)
-  conf, pending, count = None, 0, 0
-  for batch in batches:
-    if max_batches is not None and count >= max_batches:
-      break
-    pixels = int(np.prod(batch['label'].shape))
-    if conf is None or pending + pixels > _INT32_SAFE_PIXELS:
-      if conf is not None:
-        total += _to_host(conf)
-      conf, pending = _zeros_conf(num_classes, _mesh_of(batch)), 0
-    conf = eval_step(variables, batch, conf)
-    pending += pixels
-    count += 1
-  if conf is not None:
-    total += _to_host(conf)
-  result = metrics.segmentation_metrics(total, class_names)
-  result['confusion_matrix'] = total
-  result['num_batches'] = count
-  return result
