@@ -6,10 +6,10 @@ r"""Semantic segmentation of image files with a trained or converted SegViT.
 CHECKPOINT is a directory written by `python -m segvit_jax.convert` or a training workdir (its
 latest step, or `--step=N`; the config comes from WORKDIR/config.json unless `--config` is
 given; a damaged step is one line naming the damaged file and the earlier step that loads).
-`--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead (`segvit_jax.export.stablehlo_runner`:
-images resized to the artifact's size, whole-image inference, no TTA). INPUTs are image files
-(JPEG, PNG, anything Pillow reads) and folders (searched recursively for
-.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
+`--exported=PATH` runs a `segvit-export --format=stablehlo` artifact instead
+(`segvit_jax.export.stablehlo_runner`: images resized to the artifact's size, whole-image
+inference, no TTA). INPUTs are image files (JPEG, PNG, anything Pillow reads) and folders
+(searched recursively for .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp, skipping OUTPUT). Files are read and test-resized as mmseg
 reads them, with the functions training and evaluation use (`mmseg_rules`: OpenCV's decoding, with
 the EXIF orientation applied, alpha dropped and 16-bit samples reduced to 8 bits; OpenCV's
 bilinear resize), so an image gets the labels evaluation would give it. For every image, OUTPUT
@@ -272,9 +272,10 @@ def main(argv: Sequence[str]) -> int:
                            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype),
                            summary=summary)
   else:
-    segment(sources, predictor_lib.load(f.checkpoint, f.config, f.step), tta=f.tta, batch_size=f.batch_size,
-            scores=f.scores, scores_dtype=np.dtype(f.scores_dtype), bucket=f.bucket,
-            output=f.output, progress=f.progress, summary=summary, keep_results=False)
+    segment(sources, predictor_lib.load(f.checkpoint, f.config, f.step), tta=f.tta,
+            batch_size=f.batch_size, scores=f.scores, scores_dtype=np.dtype(f.scores_dtype),
+            bucket=f.bucket, output=f.output, progress=f.progress, summary=summary,
+            keep_results=False)
   for name, reason in summary.skipped:
     print(f'Skipped {name}: {reason}', file=sys.stderr)
   print(summary.line(), flush=True)

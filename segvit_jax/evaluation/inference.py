@@ -72,8 +72,8 @@ class InferenceSpec:
       ('scaled_size' (B, len(scales), 2)), whether or not multi-scale TTA is on.
     multi_scale: test-time augmentation over `scales` (mmseg's `--aug-test`).
     flip: with `multi_scale`, horizontal flips too.
-    test_img_scale, test_min_size: the test resize rule (config.dataset; `mmseg_rules.rescale_size`);
-      an empty scale is allowed only without ratios other than 1.
+    test_img_scale, test_min_size: the test resize rule (config.dataset,
+      `mmseg_rules.rescale_size`); an empty scale is allowed only without ratios other than 1.
     mean, std: RGB normalisation of the model input, (x - mean) / std (config.dataset); the
       identity by default, for callers that hand over normalised images.
   """

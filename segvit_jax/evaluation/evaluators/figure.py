@@ -29,9 +29,9 @@ class FigureEvaluator(registry.Evaluator):
     self.path = context.path('predictions.png')
     self._classes = visualize.classes(context.config)
     model = context.model
-    self._predict = distributed.compiled_together(jax.jit(lambda params, batch: inference.predict(
-        lambda x: model.apply({'params': params}, x, train=False), batch, spec)),
-                                                  "the figure's predictions")
+    predict = lambda params, batch: inference.predict(
+        lambda x: model.apply({'params': params}, x, train=False), batch, spec)
+    self._predict = distributed.compiled_together(jax.jit(predict), "the figure's predictions")
 
   def _rows(self, params: PyTree) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image (lh, lw, 3) uint8 at label size, label (lh, lw), prediction (lh, lw)) per example."""
