@@ -51,10 +51,9 @@ def init(config):
 
 
 VARIANTS = ['segvit', 'segvit_shrunk']
-# (input shape, stored img_size): square at the crop, non-square at the crop, and inputs that
-# differ from the stored grid (position embedding resized at run time).
-SHAPES = [((2, 64, 64, 3), (64, 64)), ((2, 128, 192, 3), (128, 192)),
-          ((1, 96, 64, 3), (64, 64)), ((1, 64, 64, 3), (48, 80))]
+# (input shape, stored img_size): square at the crop, and inputs that differ from the stored grid
+# (position embedding resized at run time), non-square either way.
+SHAPES = [((2, 64, 64, 3), (64, 64)), ((1, 96, 64, 3), (64, 64)), ((1, 64, 64, 3), (48, 80))]
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -98,7 +97,7 @@ def test_backbone_taps_and_grids(name):
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-@pytest.mark.parametrize('shape', [(2, 64, 64, 3), (2, 128, 192, 3)])
+@pytest.mark.parametrize('shape', [(2, 64, 96, 3)])
 def test_jitted_gradient_reaches_every_parameter(name, shape):
   config = tiny_config(name, shape[1:3])
   model, variables = init(config)
