@@ -854,9 +854,10 @@ def _compile_train(config, device, batch: int):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import build  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   config.batch_size = batch
-  run = train.setup(config, [device])
+  run = build.setup(config, [device])
   h, w = config.dataset.crop_size
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((batch, h, w, 3), np.float32,
@@ -865,7 +866,7 @@ def _compile_train(config, device, batch: int):
                                     sharding=sharding.batch_sharding(run.mesh, 3))}
   with jax.set_mesh(run.mesh):
     start = time.perf_counter()
-    step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh, run.spec)
+    step = step_lib.make_train_step(run.model, run.tx, run.schedule, config, run.mesh, run.spec)
     compiled = step.lower(run.spec.abstract, abstract_batch).compile()
     seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
@@ -881,13 +882,13 @@ def _time_train(run, compiled, config, batch: int, steps: int) -> Dict[str, Any]
   import numpy as np  # pylint: disable=g-import-not-at-top
   from bench import throughput  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   crop = tuple(config.dataset.crop_size)
   host = {'image': throughput.random_images(rng, batch, crop),
           'label': throughput.ade_like_labels(rng, batch, *crop, config.model.num_classes)}
   with jax.set_mesh(run.mesh):
-    held = {'state': train.create_state(run.model, run.tx, config, run.spec)}
+    held = {'state': state_lib.create_state(run.model, run.tx, config, run.spec)}
     data = {k: jax.device_put(v, sharding.batch_sharding(run.mesh, v.ndim))
             for k, v in host.items()}
 

@@ -7,7 +7,7 @@ r"""Training and inference throughput of a config, JAX next to the PyTorch refer
 
 Run from the repository root (`-m`: the root's `segvit_jax` and `segvit_reference` are the ones
 imported). The JAX side is the product's own code on a one-device mesh (`config.mesh='data:1'`,
-the first device): `train.setup`, `train.create_state`, `train.make_train_step`, the model's eval
+the first device): `build.setup`, `state.create_state`, `step.make_train_step`, the model's eval
 forward and `eval_loop.make_eval_step`. Random weights, batch `--batch_size`:
 - compile time of the jitted train step, forward and eval step (JAX);
 - training step (model + ATM loss + AdamW with clipping: the trainer's step) at the train crop
@@ -256,13 +256,15 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
   from segvit_jax.evaluation import eval_loop  # pylint: disable=g-import-not-at-top
   from segvit_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   from segvit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import build  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config.model.dtype = dtype
   config.mesh = 'data:1'
   config.batch_size = batch
   device = jax.devices()[0]
-  run = train.setup(config, [device])
+  run = build.setup(config, [device])
   k = config.model.num_classes
   rng = np.random.default_rng(0)
   crop = tuple(config.dataset.crop_size)
@@ -280,14 +282,14 @@ def run_jax(config, batch: int, dtype: str, steps: int, slide_hw, skip, breakdow
 
   with jax.set_mesh(run.mesh):
     t0 = time.perf_counter()
-    state = jax.block_until_ready(train.create_state(run.model, run.tx, config, run.spec))
+    state = jax.block_until_ready(state_lib.create_state(run.model, run.tx, config, run.spec))
     out['init_s'] = time.perf_counter() - t0
 
     if 'train' not in skip:
       train_batch = on_mesh({'image': images, 'label': labels})
       step_fn, out['compile_train_s'] = compile_(
-          'train_step', train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                              run.spec), state, train_batch)
+          'train_step', step_lib.make_train_step(run.model, run.tx, run.schedule, config,
+                                                 run.mesh, run.spec), state, train_batch)
       held = {'state': state}
 
       def one_step():
@@ -711,7 +713,7 @@ def _import_framework(framework: str) -> None:
   workers' imports run at the same time."""
   if framework == 'jax':
     from segvit_jax.evaluation import eval_loop  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from segvit_jax.training import train
+    from segvit_jax.training import loop  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   else:
     import segvit_reference  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

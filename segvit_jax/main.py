@@ -87,12 +87,14 @@ def _start_jax(config) -> None:
 
 def _run(config, workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import eval_mode  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import step  # pylint: disable=g-import-not-at-top
   try:
     if _MODE.value == 'eval':
-      return train.evaluate_checkpoint(config, workdir)
-    return train.train_and_evaluate(config, workdir)
-  except (train.NonFiniteLossError, StorageError) as e:
+      return eval_mode.evaluate_checkpoint(config, workdir)
+    return loop.train_and_evaluate(config, workdir)
+  except (step.NonFiniteLossError, StorageError) as e:
     # Raised mid-run, possibly on this process alone; the workdir is kept as it is.
     print(f'error: {e}', file=sys.stderr, flush=True)
     _exit(1)

@@ -163,11 +163,11 @@ def reference_fixture(tmp_path_factory):
   checkpoints at 3 and 6, evaluated at the end, predictions drawn. Copy it before changing it."""
   import jax  # pylint: disable=g-import-not-at-top
   import tiny_runs  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_runs.tiny_config(evals__val__every_steps=6, evals__figure__every_steps=-1,
                                  evals__figure__num_images=2)
-  result = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  result = loop.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   return str(workdir), result
 
 

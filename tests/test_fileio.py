@@ -17,10 +17,10 @@ def test_urls_stay_urls():
 
 
 def test_trainer_files_on_a_url_file_system():
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import log  # pylint: disable=g-import-not-at-top
   workdir = 'ram://bucket/run'
   fileio.makedirs(workdir)
-  writer = train.JsonlFile(os.path.join(workdir, 'metrics.jsonl'))
+  writer = log.JsonlFile(os.path.join(workdir, 'metrics.jsonl'))
   writer.write(1, {'train/loss': 2.5})
   writer.write(2, {'train/loss': np.float32('nan')})
   writer.close()

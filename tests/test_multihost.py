@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from segvit_jax.training import train
+from segvit_jax.training import eval_mode
+from segvit_jax.training import loop
 
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
@@ -80,7 +81,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   workdir = str(tmp_path / 'two')
   procs = _start_pair(workdir, faults=(None, 'slow_input:34'), **RUN)
   single = str(tmp_path / 'single')
-  train.train_and_evaluate(tiny_runs.tiny_config(**RUN), single)
+  loop.train_and_evaluate(tiny_runs.tiny_config(**RUN), single)
   outs = _finish(procs, 360)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i}:\n{out[-4000:]}'
@@ -105,8 +106,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   # The 2-process checkpoint restores on one device: --mode=eval of that workdir gives the same
   # metrics.
   eval_dir = str(tmp_path / 'eval')
-  train.evaluate_checkpoint(tiny_runs.tiny_config(**RUN, init_checkpoint=workdir), eval_dir,
-                            devices=jax.devices()[:1])
+  eval_mode.evaluate_checkpoint(tiny_runs.tiny_config(**RUN, init_checkpoint=workdir), eval_dir,
+                                devices=jax.devices()[:1])
   restored = _eval_records(eval_dir)
   assert len(restored) == 1
   for key in ('val/miou', 'val/macc', 'val/aacc'):

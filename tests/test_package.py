@@ -182,7 +182,7 @@ print(json.dumps({'names': names, 'files': files + [segvit_jax.__file__],
   proc = installed.run(sys.executable, '-c', script, *cli)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.splitlines()[-1])
-  assert {'segvit_jax.training.train', 'segvit_jax.models.vit', 'segvit_jax.data.datasets.ade20k',
+  assert {'segvit_jax.training.loop', 'segvit_jax.models.vit', 'segvit_jax.data.datasets.ade20k',
           'segvit_jax.configs.ade20k_large'} <= set(result['names'])
   assert all(f.startswith(installed.site + os.sep) for f in result['files'])
   assert result['num_classes'] == 5

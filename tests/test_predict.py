@@ -309,9 +309,9 @@ def _train_tiny_workdir(workdir: str) -> None:
   Slide inference with one 32 x 32 window: prediction and evaluation then pad every image to
   the same bucket. The evaluation command reuses these overrides (`_TINY_EVAL`).
   """
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import loop  # pylint: disable=g-import-not-at-top
   config = tiny_runs.tiny_config(**_TINY_EVAL, num_train_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
 
 _TINY_EVAL = {'eval__mode': 'slide', 'eval__stride': (16, 16),

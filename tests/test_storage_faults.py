@@ -23,7 +23,9 @@ import pytest
 from segvit_jax import checkpoint
 from segvit_jax import fileio
 from segvit_jax.evaluation import predictor
-from segvit_jax.training import train
+from segvit_jax.training import build
+from segvit_jax.training import eval_mode
+from segvit_jax.training import loop
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
 
@@ -38,8 +40,8 @@ TERMS = ('train/loss', 'train/loss_ce', 'train/loss_mask', 'train/loss_dice')
 
 
 def _train(workdir, **overrides):
-  return train.train_and_evaluate(tiny_runs.tiny_config(**overrides), str(workdir),
-                                  devices=ONE_DEVICE)
+  return loop.train_and_evaluate(tiny_runs.tiny_config(**overrides), str(workdir),
+                                 devices=ONE_DEVICE)
 
 
 def _copy(reference, tmp_path):
@@ -160,12 +162,12 @@ def test_predict_and_eval_on_a_damaged_workdir(reference, tmp_path):
 
   config = tiny_runs.tiny_config(init_checkpoint=workdir)
   with pytest.raises(UserError) as info:
-    train.evaluate_checkpoint(config, str(tmp_path / 'eval'), devices=ONE_DEVICE)
+    eval_mode.evaluate_checkpoint(config, str(tmp_path / 'eval'), devices=ONE_DEVICE)
   assert str(info.value) == (
       f'config.init_checkpoint={workdir}: checkpoint step 6 cannot be read '
       f'({ckdir}/6/default/_sharding: Invalid JSON); step 3 loads: add --config.restore_step=3.')
   config = tiny_runs.tiny_config(init_checkpoint=workdir, restore_step=3)
-  result = train.evaluate_checkpoint(config, str(tmp_path / 'eval'), devices=ONE_DEVICE)
+  result = eval_mode.evaluate_checkpoint(config, str(tmp_path / 'eval'), devices=ONE_DEVICE)
   assert result['step'] == 3 and 0 < result['val/miou'] <= 1
   with open(tmp_path / 'eval' / 'eval_metrics.json') as f:
     assert json.load(f)['step'] == 3
@@ -238,7 +240,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_continues(reference
   workdir = os.path.join(small_disk, 'run')
   ckdir = os.path.join(workdir, 'checkpoints')
   lines = _run_with_fault(workdir, 'fill_after:3:65536')
-  state = train.setup(tiny_runs.tiny_config(), ONE_DEVICE).spec.abstract
+  state = build.setup(tiny_runs.tiny_config(), ONE_DEVICE).spec.abstract
   needs = fileio.size_text(max(checkpoint.state_bytes(state), _checkpoint_size(ckdir, 3)))
   assert len(lines) == 1 and re.fullmatch(
       rf'error: cannot write the checkpoint of step 6 to {re.escape(ckdir)} \((No space left on '

@@ -9,7 +9,7 @@ import numpy as np
 
 from segvit_jax.evaluation import eval_loop
 from segvit_jax.evaluation.evaluators import registry
-from segvit_jax.training import train
+from segvit_jax.training import loop
 
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
@@ -54,7 +54,7 @@ def test_a_registered_evaluator_runs_when_due_and_lands_in_final_metrics(tmp_pat
   config = tiny_runs.tiny_config(num_train_steps=4, checkpoint_every_steps=4, log_every_steps=2)
   config.evals.toy = dict(type='toy_param_norm', every_steps=2, num_batches=1)
   workdir = str(tmp_path / 'run')
-  result = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  result = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]

@@ -21,7 +21,11 @@ import pytest
 
 from segvit_jax import checkpoint
 from segvit_jax import losses
-from segvit_jax.training import train
+from segvit_jax.training import build
+from segvit_jax.training import eval_mode
+from segvit_jax.training import loop
+from segvit_jax.training import state as state_lib
+from segvit_jax.training import step as step_lib
 
 try:
   from tests import tiny_runs  # pylint: disable=g-import-not-at-top
@@ -34,8 +38,8 @@ TERMS = ('train/loss', 'train/loss_ce', 'train/loss_mask', 'train/loss_dice')
 
 
 def _train(workdir, devices=ONE_DEVICE, **overrides):
-  return train.train_and_evaluate(tiny_runs.tiny_config(**overrides), str(workdir),
-                                  devices=devices)
+  return loop.train_and_evaluate(tiny_runs.tiny_config(**overrides), str(workdir),
+                                 devices=devices)
 
 
 def _start(workdir, fault, **overrides):
@@ -130,7 +134,7 @@ def test_sigterm_saves_and_exits_zero_then_continues(reference, tmp_path):
   assert tiny_runs.steps(workdir) == [3, 4]
 
   # A NaN loss weight makes step 5 non-finite right after the resume.
-  with pytest.raises(train.NonFiniteLossError, match='Non-finite loss at step 5') as e:
+  with pytest.raises(step_lib.NonFiniteLossError, match='Non-finite loss at step 5') as e:
     _train(workdir, loss__mask_weight=float('nan'), checkpoint_every_steps=1)
   assert 'loss_mask=nan' in str(e.value) and 'loss_ce=' in str(e.value)
   assert tiny_runs.steps(workdir) == [3, 4]
@@ -182,16 +186,16 @@ def test_eval_mode_on_workdir_and_exported_params(reference, tmp_path):
   predictions_before = os.path.getmtime(os.path.join(workdir, 'predictions.png'))
 
   config = tiny_runs.tiny_config(init_checkpoint=workdir, **overrides)
-  out = train.evaluate_checkpoint(config, str(tmp_path / 'eval_workdir'), devices=ONE_DEVICE)
+  out = eval_mode.evaluate_checkpoint(config, str(tmp_path / 'eval_workdir'), devices=ONE_DEVICE)
   assert out['step'] == 6 and out['val/miou'] == pytest.approx(final['miou'], abs=1e-9)
 
   # The same params as an exported directory.
-  run = train.setup(config, ONE_DEVICE)
+  run = build.setup(config, ONE_DEVICE)
   params, _ = checkpoint.load_params(workdir, run.spec.abstract.params)
   exported = str(tmp_path / 'exported')
   checkpoint.export_params(exported, jax.device_get(params), config, {'source': 'test'})
   config = tiny_runs.tiny_config(init_checkpoint=exported, **overrides)
-  out = train.evaluate_checkpoint(config, str(tmp_path / 'eval_exported'), devices=ONE_DEVICE)
+  out = eval_mode.evaluate_checkpoint(config, str(tmp_path / 'eval_exported'), devices=ONE_DEVICE)
   assert out['val/miou'] == pytest.approx(final['miou'], abs=1e-9)
 
   for name in ('eval_workdir', 'eval_exported'):
@@ -264,8 +268,8 @@ def _specs(tree):
 def test_parameters_and_moments_are_sharded():
   specs = {}
   for mesh in ('data:4,model:2', 'data:2,fsdp:4'):
-    run = train.setup(tiny_runs.tiny_config(mesh=mesh, **_MESH_RUN))
-    layout = train.update_shardings(run.spec.model_params, run.spec.abstract.params)
+    run = build.setup(tiny_runs.tiny_config(mesh=mesh, **_MESH_RUN))
+    layout = state_lib.update_shardings(run.spec.model_params, run.spec.abstract.params)
     specs[mesh] = (_specs(run.spec.model_params), _specs(run.spec.shardings.params),
                    _specs(run.spec.shardings.opt_state[1].mu),
                    _specs(jax.tree.map(lambda a: a.sharding, run.spec.abstract.params)),
@@ -295,15 +299,16 @@ def _batch():
 
 
 def _one_step(config, params=None, opt_state=None):
-  run = train.setup(config, ONE_DEVICE)
+  run = build.setup(config, ONE_DEVICE)
   with jax.set_mesh(run.mesh):
     if params is None:
-      state = train.create_state(run.model, run.tx, config, run.spec)
+      state = state_lib.create_state(run.model, run.tx, config, run.spec)
     else:
-      state = jax.device_put(train.TrainState(np.int32(0), params, opt_state), run.spec.shardings)
+      state = jax.device_put(state_lib.TrainState(np.int32(0), params, opt_state),
+                             run.spec.shardings)
     start = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                 run.spec)
+    step = step_lib.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
+                                    run.spec)
     images, labels = _batch()
     new_state, metrics = step(state, {'image': images, 'label': labels})
   return run, start, jax.device_get(new_state), jax.device_get(metrics)
@@ -343,7 +348,7 @@ def test_grad_accumulation_is_adamw_on_the_mean_gradient():
 
 
 def test_itstime():
-  due = [s for s in range(1, 11) if train.itstime(s, 4, 10)]
+  due = [s for s in range(1, 11) if loop.itstime(s, 4, 10)]
   assert due == [4, 8, 10]
-  assert [s for s in range(1, 11) if train.itstime(s, -1, 10)] == [10]
-  assert not any(train.itstime(s, 0, 10) for s in range(1, 11))
+  assert [s for s in range(1, 11) if loop.itstime(s, -1, 10)] == [10]
+  assert not any(loop.itstime(s, 0, 10) for s in range(1, 11))

@@ -191,7 +191,7 @@ def target_devices(target: Target) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# The programs a run compiles. (The one place that knows how train.py builds them.)
+# The programs a run compiles. (The one place that knows how segvit_jax.training builds them.)
 
 
 @dataclasses.dataclass
@@ -207,10 +207,10 @@ class Programs:
 def build_programs(config: ml_collections.ConfigDict, devices) -> Programs:
   """The train and eval steps of a run of `config` on `devices`, as the trainer builds them."""
   from segvit_jax.evaluation import eval_loop  # pylint: disable=g-import-not-at-top
-  from segvit_jax.training import train  # pylint: disable=g-import-not-at-top (imports TensorFlow)
-  run = train.setup(config, devices)
-  train_step = train.make_train_step(run.model, run.tx, run.schedule, config, run.mesh,
-                                     run.spec)
+  from segvit_jax.training import build  # pylint: disable=g-import-not-at-top
+  from segvit_jax.training import step  # pylint: disable=g-import-not-at-top
+  run = build.setup(config, devices)
+  train_step = step.make_train_step(run.model, run.tx, run.schedule, config, run.mesh, run.spec)
   eval_step = jax.jit(
       eval_loop.make_eval_step(run.model, inference.InferenceSpec.from_config(config)),
       out_shardings=sharding.replicated(run.mesh))
