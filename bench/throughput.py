@@ -713,7 +713,7 @@ def _import_framework(framework: str) -> None:
   workers' imports run at the same time."""
   if framework == 'jax':
     from segvit_jax.evaluation import eval_loop  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from segvit_jax.training import loop  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from segvit_jax.training import loop  # noqa: F401
   else:
     import segvit_reference  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

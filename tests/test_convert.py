@@ -372,7 +372,7 @@ def test_existing_destination_is_left_alone(files):
 
 def backbone_setup(grid=3):
   """A reference ViT stored at a `grid`x`grid` position grid, and the boxed params of a JAX
-  model at 64x64 (4x4 grid) filled with 0.5, as train.py would hold them."""
+  model at 64x64 (4x4 grid) filled with 0.5, as the train state would hold them."""
   torch.manual_seed(3)
   vit = ref.init_with_noise(ref.VisionTransformer((16 * grid,) * 2, 16, 64, 4, 4, 4, (1, 2, 3)))
   config = config_lib.get_base_config()

@@ -8,7 +8,8 @@
 a value that would ("config.batch_size=6 does not divide over data x fsdp = 4 devices: use 4 or
 8"). What works without changing any result is not an error: an eval batch that does not divide
 over the devices is rounded up (`sharding.padded_batch_size`) and the returned plan says to what.
-The trainer and `segvit_jax.aot.compile` call the same function.
+`segvit_jax.main` calls it once per run, before anything is built; `segvit_jax.aot.compile`
+calls the same function.
 """
 
 import dataclasses

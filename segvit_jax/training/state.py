@@ -1,7 +1,7 @@
 """The train state: its pytree, where each leaf lives on the mesh, and the state a run starts from.
 
     spec = state.state_spec(model, tx, mesh)              # shapes + shardings, nothing allocated
-    initial = state.initial_state(config, model, tx, spec, checkpointer)  # resume / fine-tune / fresh
+    initial = state.initial_state(config, model, tx, spec, ckpt)  # resume / fine-tune / fresh
 
 - `TrainState.step` counts the updates done (see `segvit_jax.training.loop` for what step s is).
 - Parameters and optimizer state are laid out by the logical-axis rules of `sharding` and are
