@@ -181,8 +181,8 @@ def train_transform(image: np.ndarray, label: np.ndarray, u: np.ndarray, *,
 
   Args:
     image: (H, W, 3) uint8 RGB.  label: (H, W) uint8 (255 = ignore).
-    u: (NUM_UNIFORMS,) uniforms in [0, 1) (`example_uniforms`; `augment.example_uniforms` gives
-      augment.train_transform's, so the two can be compared).
+    u: (NUM_UNIFORMS,) uniforms in [0, 1) (`numpy_pipeline.example_uniforms`;
+      `augment.example_uniforms` gives augment.train_transform's, so the two can be compared).
     The rest: config.dataset's (as augment.train_transform).
   Returns:
     {'image': (Ch, Cw, 3) float32 normalised, 0 in the padding;

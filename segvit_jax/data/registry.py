@@ -6,14 +6,15 @@ for it (`recipe`), the official mmseg dataset types that imply it, and where its
 from: a TFDS build of the official files (`TfdsBuild`, built by
 `segvit_jax.data.sources.tfds_builder`) or an in-memory source (`InMemorySource`, read by
 `segvit_jax.data.numpy_pipeline`). Everything that needs a dataset's facts (palettes, the
-prepare CLI, the file and in-memory sources, mmcv configs) reads them here.
+prepare CLI, the file and in-memory sources, mmcv configs) reads them here, through
+`segvit_jax.data.datasets`, which registers the built-in declarations on import.
 
     registry.register(registry.Dataset(
         name='toy', class_names=('background', 'thing'),
         in_memory=registry.InMemorySource(num_examples=..., load=...)))
     config.dataset.name = config.dataset.source = 'toy'
 
-Numpy and the standard library only: no TensorFlow.
+No TensorFlow: the declarations and everything that reads them import without it.
 """
 
 import dataclasses
@@ -81,7 +82,7 @@ class InMemorySource:
   split_size_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # one object per dataset: compared by identity
 class Dataset:
   """One dataset: its names, classes, palette, recipe and source.
 
