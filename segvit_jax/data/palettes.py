@@ -54,9 +54,7 @@ def palette(name: str, num_classes: int | None = None) -> np.ndarray:
   """(K, 3) uint8 RGB colour of each class of dataset `name` (see class_names)."""
   k = len(class_names(name, num_classes))
   colors = datasets.get(name.partition('/')[0]).palette
-  if colors is None:
-    return color_table(k)
-  return np.asarray(colors(k) if callable(colors) else colors, np.uint8).reshape(k, 3)
+  return color_table(k) if colors is None else np.asarray(colors, np.uint8).reshape(k, 3)
 
 
 def colorize(label: np.ndarray, colors: np.ndarray) -> np.ndarray:

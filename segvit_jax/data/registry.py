@@ -91,9 +91,7 @@ class Dataset:
   """
   name: str
   class_names: ClassNames
-  # (K, 3) uint8 RGB per class, or a function of K; None: the VOC colour table
-  # (`palettes.color_table`).
-  palette: Union[None, np.ndarray, Callable[[int], np.ndarray]] = None
+  palette: Optional[np.ndarray] = None  # (K, 3) uint8 RGB; None: the VOC colour table
   recipe: Optional[Recipe] = None  # None: the base config's defaults are this dataset's
   # The official mmseg dataset classes (`dataset_type` of an mmcv config) -> the K each implies.
   mmseg_types: Mapping[str, int] = dataclasses.field(default_factory=dict)
