@@ -1,9 +1,10 @@
 r"""Train input pipeline throughput (images/s) on ADE20K-sized JPEGs.
 
 Runs `segvit_jax.data.input_pipeline.create_train_dataset` on the project's mmseg-folder source
-(`segvit_jax.data.datasets.get_source`, source 'mmseg_folder': JPEG + PNG decoding, reduce_zero_label)
-and the whole official augmentation (resize with the ratio range, cat_max_ratio crop, flip,
-photometric distortion, normalise, pad, batch), and prints images per second after a warm-up.
+(`segvit_jax.data.sources.reader.get_source`, source 'mmseg_folder': JPEG + PNG decoding,
+reduce_zero_label) and the whole official augmentation (resize with the ratio range,
+cat_max_ratio crop, flip, photometric distortion, normalise, pad, batch), and prints images per
+second after a warm-up.
 
   python -m bench.input_pipeline                                    # 64 generated pairs
   python -m bench.input_pipeline --folder=/data/ADEChallengeData2016 \
@@ -31,7 +32,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 
 from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from segvit_jax.data import datasets  # pylint: disable=g-import-not-at-top
+from segvit_jax.data.sources import reader  # pylint: disable=g-import-not-at-top
 from segvit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 ADE_SIZES = ((512, 683), (683, 512), (512, 512), (512, 768), (384, 512), (480, 640))  # (h, w)
@@ -93,7 +94,7 @@ def main():
       print(f'generated {args.num_images} ADE-sized pairs in {time.time() - t:.1f} s')
     d = config.dataset
     d.source, d.folder = 'mmseg_folder', folder
-    n = datasets.num_examples(d, 'train')
+    n = reader.num_examples(d, 'train')
     ds = input_pipeline.create_train_dataset(config, process_index=0, process_count=1)
     it = ds.as_numpy_iterator()
     for _ in range(args.warmup_batches):

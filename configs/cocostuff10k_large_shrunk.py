@@ -10,10 +10,11 @@ The backbone starts from Google's AugReg ViT-L/16 (ImageNet-21k, fine-tuned on I
 """
 
 from segvit_jax import config as config_lib
+from segvit_jax.data.datasets import coco_stuff10k
 
 
 def get_config():
   config = config_lib.get_base_config()
-  config_lib.coco_stuff10k(config)
+  coco_stuff10k.recipe(config)
   config_lib.shrunk(config.model)
   return config

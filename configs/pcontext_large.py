@@ -12,9 +12,10 @@ For the 59-class protocol: --config.model.num_classes=59 --config.dataset.num_cl
 """
 
 from segvit_jax import config as config_lib
+from segvit_jax.data.datasets import pascal_context
 
 
 def get_config():
   config = config_lib.get_base_config()
-  config_lib.pascal_context(config)
+  pascal_context.recipe(config)
   return config

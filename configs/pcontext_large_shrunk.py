@@ -9,10 +9,11 @@ The backbone starts from Google's AugReg ViT-L/16 (ImageNet-21k, fine-tuned on I
 """
 
 from segvit_jax import config as config_lib
+from segvit_jax.data.datasets import pascal_context
 
 
 def get_config():
   config = config_lib.get_base_config()
-  config_lib.pascal_context(config)
+  pascal_context.recipe(config)
   config_lib.shrunk(config.model)
   return config

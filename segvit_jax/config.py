@@ -39,50 +39,6 @@ def shrunk(model: ml_collections.ConfigDict) -> None:
   model.use_stages = 2
 
 
-def coco_stuff10k(config: ml_collections.ConfigDict) -> None:
-  """COCO-Stuff-10K: 171 classes, 512 crops, wd 0.02, poly power 2, 80k iterations."""
-  config.num_train_steps = 80_000
-  config.checkpoint_every_steps = 8000
-  config.model.img_size = (512, 512)
-  config.model.num_classes = 171
-  config.optim.weight_decay = 0.02
-  config.optim.poly_power = 2.0
-  d = config.dataset
-  d.name = d.tfds_name = 'coco_stuff10k'
-  d.num_classes = 171
-  d.reduce_zero_label = True
-  d.crop_size = (512, 512)
-  d.img_scale = (2048, 512)
-  d.test_img_scale = (2048, 512)
-  d.test_min_size = 512
-  d.eval_pad_size = (1536, 1536)  # short side 512, long side up to 3x
-  d.eval_label_pad_size = (640, 640)  # COCO images are at most 640 on a side
-  config.eval.crop_size = (512, 512)
-  config.eval.stride = (341, 341)
-
-
-def pascal_context(config: ml_collections.ConfigDict) -> None:
-  """PASCAL-Context, 60 classes with background as the released configs: 480 crops, wd 0.03."""
-  config.num_train_steps = 80_000
-  config.checkpoint_every_steps = 8000
-  config.model.img_size = (480, 480)
-  config.model.num_classes = 60
-  config.optim.weight_decay = 0.03
-  d = config.dataset
-  d.name = 'pascal_context'
-  d.tfds_name = 'pascal_context/60'
-  d.num_classes = 60
-  d.reduce_zero_label = False
-  d.crop_size = (480, 480)
-  d.img_scale = (520, 520)
-  d.test_img_scale = (520, 520)
-  d.test_min_size = 480
-  d.eval_pad_size = (1536, 1536)  # short side 520, aspect ratio up to 2.95
-  d.eval_label_pad_size = (512, 512)  # VOC images are at most 500 on a side
-  config.eval.crop_size = (480, 480)
-  config.eval.stride = (320, 320)
-
-
 def _model_defaults() -> ml_collections.ConfigDict:
   """config.model: ViT-L/16 + the ATM head."""
   m = ml_collections.ConfigDict()
@@ -108,8 +64,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
 def _dataset_defaults() -> ml_collections.ConfigDict:
   """config.dataset: ADE20K with mmseg's train and test pipelines."""
   d = ml_collections.ConfigDict()
-  d.name = 'ade20k'  # 'ade20k', 'coco_stuff10k', 'pascal_context', 'synthetic'
-  d.source = 'tfds'  # 'tfds', 'mmseg_folder' (an mmseg-prepared folder) or 'synthetic'
+  d.name = 'ade20k'  # a declared dataset (segvit_jax.data.datasets): class names, palette
+  d.source = 'tfds'  # 'tfds', 'mmseg_folder' (an mmseg-prepared folder) or an in-memory dataset
   d.tfds_name = 'ade20k'  # builder name, with config: 'pascal_context/60'
   d.data_dir = ''  # TFDS data dir; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.folder = ''  # root of an mmseg folder: img_dir/{train,val}, ann_dir/{train,val}

@@ -183,8 +183,11 @@ def update_sharding(param_sharding: NamedSharding, shape: Sequence[int]) -> Name
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (batch) dimension over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+  """Where an `ndim`-d batch array lives: its leading (batch) dimension split over data x fsdp
+  (the ones `mesh` has), the other dimensions replicated. Train steps, eval steps and the input
+  pipeline's global batches all use it."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -23,6 +23,7 @@ from segvit_jax import config as config_lib
 from segvit_jax.convert import checkpoints as convert
 from segvit_jax.convert import keymap
 from segvit_jax.convert import mmcv_config
+from segvit_jax.data.datasets import coco_stuff10k
 from segvit_jax.evaluation import predictor
 from segvit_jax.errors import UserError
 from segvit_jax.models import segvit
@@ -198,7 +199,7 @@ gpu_ids = range(0, 4)
   assert 'evil' not in parsed and 'gpu_ids' not in parsed and not marker.exists()
   config = mmcv_config.to_config(parsed)
   expected = config_lib.get_base_config()
-  config_lib.coco_stuff10k(expected)
+  coco_stuff10k.recipe(expected)
   for key in ('name', 'embed_dim', 'depth', 'num_heads', 'decoder_dim', 'decoder_heads',
               'num_classes', 'use_stages', 'decoder_layers', 'patch_size'):
     assert config.model[key] == expected.model[key], key

@@ -16,14 +16,15 @@ import tensorflow_datasets as tfds
 
 import mmcv_reference
 from segvit_jax.data import palettes
-from segvit_jax.data import datasets
+from segvit_jax.data import prepare
+from segvit_jax.data.datasets import ade20k
 from segvit_jax.data.datasets import coco_stuff10k
-from segvit_jax.data.datasets import common
-from segvit_jax.data.datasets import mmseg_folder
 from segvit_jax.data.datasets import pascal_context
-from segvit_jax.data.datasets import prepare
-from segvit_jax.data.datasets import sources  # noqa: F401  (registers the TFDS builders)
 from segvit_jax.data.datasets import synthetic
+from segvit_jax.data.sources import DatasetError
+from segvit_jax.data.sources import mmseg_folder
+from segvit_jax.data.sources import reader
+from segvit_jax.data.sources import tfds_builder  # noqa: F401  (registers the TFDS builders)
 
 try:
   from tests import official_layouts as layouts
@@ -49,7 +50,7 @@ def _read(cfg, split, **kw):
     image, label = tf_pipeline.decode_example(ex)
     return {**ex, 'image': image, 'label': label}
 
-  return list(datasets.get_source(cfg, split, **kw).map(decode).as_numpy_iterator())
+  return list(reader.get_source(cfg, split, **kw).map(decode).as_numpy_iterator())
 
 
 def _build(name, manual_dir, data_dir):
@@ -83,8 +84,8 @@ def test_ade20k_build_counts_mapping_and_order(tmp_path, rng):
   _build('ade20k', manual, data)
 
   cfg = _cfg(tfds_name='ade20k', data_dir=str(data))
-  assert datasets.num_examples(cfg, 'train') == 3
-  assert datasets.num_examples(cfg, 'validation') == 2
+  assert reader.num_examples(cfg, 'train') == 3
+  assert reader.num_examples(cfg, 'validation') == 2
   train_out, val_out = _read(cfg, 'train'), _read(cfg, 'validation')
   # Sorted by file name, not archive order.
   assert [e['file_name'].decode() for e in train_out] == [
@@ -116,19 +117,19 @@ def test_tfds_source_shards_are_disjoint_and_cover(tmp_path, rng):
   assert shards[0] + shards[1] == [e['file_name'] for e in _read(cfg, 'train')]
   # The input pipeline relies on known cardinalities (no counting pass).
   for i, n in enumerate((3, 2)):
-    assert int(datasets.get_source(cfg, 'train', shard_index=i, num_shards=2)
+    assert int(reader.get_source(cfg, 'train', shard_index=i, num_shards=2)
                .cardinality()) == n
   # More hosts than examples: the extra host gets an empty dataset of the same structure.
-  empty = datasets.get_source(cfg, 'validation', shard_index=1, num_shards=2)
+  empty = reader.get_source(cfg, 'validation', shard_index=1, num_shards=2)
   assert int(empty.cardinality()) == 0
-  assert empty.element_spec == datasets.get_source(cfg, 'validation').element_spec
+  assert empty.element_spec == reader.get_source(cfg, 'validation').element_spec
 
 
 def test_ade20k_missing_archive_lists_expected_files(tmp_path):
   manual = tmp_path / 'manual'
   manual.mkdir()
   (manual / 'README.txt').write_text('wrong file')
-  with pytest.raises(common.DatasetError) as e:
+  with pytest.raises(DatasetError) as e:
     _build('ade20k', manual, tmp_path / 'data')
   msg = str(e.value)
   for expected in ('ADEChallengeData2016.zip', str(manual),
@@ -179,7 +180,7 @@ def test_ade20k_bad_data_fails_at_build_with_file_name(tmp_path, rng, problem):
   train = [('ADE_train_00000001', good_image, lab), ('ADE_train_00000002', bad_image,
                                                      bad_label)]
   layouts.ade20k_zip(str(manual), train, train[:1])
-  with pytest.raises(common.DatasetError, match='ADE_train_00000002') as e:
+  with pytest.raises(DatasetError, match='ADE_train_00000002') as e:
     _build('ade20k', manual, tmp_path / 'data')
   if problem == 'label_out_of_range':
     assert '151' in str(e.value)
@@ -206,8 +207,8 @@ def test_coco_stuff10k_build_counts_and_mmseg_mapping(tmp_path, rng):
   _build('coco_stuff10k', manual, data)
 
   cfg = _cfg(tfds_name='coco_stuff10k', data_dir=str(data), num_classes=171)
-  assert datasets.num_examples(cfg, 'train') == 3
-  assert datasets.num_examples(cfg, 'validation') == 2
+  assert reader.num_examples(cfg, 'train') == 3
+  assert reader.num_examples(cfg, 'validation') == 2
   out = _read(cfg, 'train')
   assert [e['file_name'].decode() for e in out] == [
       'COCO_train2014_000000000009.jpg', 'COCO_train2014_000000000030.jpg',
@@ -217,7 +218,7 @@ def test_coco_stuff10k_build_counts_and_mmseg_mapping(tmp_path, rng):
   val = _read(cfg, 'validation')
   np.testing.assert_array_equal(val[0]['label'], _stripes(expected_ids)[:, ::-1])
   # Train ids line up with mmseg's class names.
-  names = palettes.COCO_STUFF_CLASSES
+  names = coco_stuff10k.CLASSES
   assert (names[0], names[10], names[11], names[79], names[80], names[170]) == (
       'person', 'fire hydrant', 'stop sign', 'toothbrush', 'banner', 'wood')
 
@@ -241,14 +242,14 @@ def test_coco_stuff10k_unused_id_and_missing_list_fail(tmp_path, rng):
   train = [('COCO_train2014_000000000001', layouts.random_image(rng, H, W), _stripes([1, 12]))]
   test = [('COCO_train2014_000000000002', layouts.random_image(rng, H, W), _stripes([1]))]
   layouts.coco_stuff10k_zip(str(manual), train, test)
-  with pytest.raises(common.DatasetError,
+  with pytest.raises(DatasetError,
                      match=r'COCO_train2014_000000000001\.mat.*\[12\]'):
     _build('coco_stuff10k', manual, tmp_path / 'data')
 
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'other.zip').write_bytes(b'x')
-  with pytest.raises(common.DatasetError) as e:
+  with pytest.raises(DatasetError) as e:
     _build('coco_stuff10k', empty, tmp_path / 'data2')
   for expected in ('cocostuff-10k-v1.1.zip', 'imageLists/train.txt', 'imageLists/test.txt',
                    'annotations/<name>.mat'):
@@ -277,8 +278,8 @@ def test_pascal_context_59_and_60_via_prepare_cli(tmp_path, rng, capsys):
   cfg60 = _cfg(tfds_name='pascal_context/60', data_dir=str(data), num_classes=60)
   cfg59 = _cfg(tfds_name='pascal_context/59', data_dir=str(data), num_classes=59)
   for cfg in (cfg60, cfg59):
-    assert datasets.num_examples(cfg, 'train') == 3
-    assert datasets.num_examples(cfg, 'validation') == 2
+    assert reader.num_examples(cfg, 'train') == 3
+    assert reader.num_examples(cfg, 'validation') == 2
   expect60 = _stripes([0, 0, 1, 2, 0, 50, 59, 0])
   expect59 = _stripes([255, 255, 0, 1, 255, 49, 58, 255])
   out60, out59 = _read(cfg60, 'train'), _read(cfg59, 'train')
@@ -310,7 +311,7 @@ def test_pascal_context_missing_annotation_archive_named(tmp_path, rng):
   ex = [('2008_000002', layouts.random_image(rng, H, W), np.zeros((H, W), np.uint16))]
   layouts.pascal_context_archives(str(manual), ex, ex)
   os.remove(manual / 'trainval.tar.gz')
-  with pytest.raises(common.DatasetError) as e:
+  with pytest.raises(DatasetError) as e:
     _build('pascal_context/60', manual, tmp_path / 'data')
   assert 'missing trainval.tar.gz' in str(e.value)
   assert 'VOCtrainval_03-May-2010.tar' in str(e.value)
@@ -318,9 +319,9 @@ def test_pascal_context_missing_annotation_archive_named(tmp_path, rng):
 
 def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):
   cfg = _cfg(tfds_name='coco_stuff10k', data_dir=str(tmp_path / 'nothing'))
-  with pytest.raises(common.DatasetError,
-                     match='python -m segvit_jax.data.datasets.prepare coco_stuff10k'):
-    datasets.get_source(cfg, 'train')
+  with pytest.raises(DatasetError,
+                     match='python -m segvit_jax.data.prepare coco_stuff10k'):
+    reader.get_source(cfg, 'train')
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,8 +338,8 @@ def test_mmseg_folder_source(tmp_path, rng, layout, suffix, reduce_zero):
   root = layouts.mmseg_folder(str(tmp_path / 'data'), layout, train, val, suffix)
   cfg = _cfg(source='mmseg_folder', folder=root, reduce_zero_label=reduce_zero,
              num_classes=10)
-  assert datasets.num_examples(cfg, 'train') == 3
-  assert datasets.num_examples(cfg, 'validation') == 1
+  assert reader.num_examples(cfg, 'train') == 3
+  assert reader.num_examples(cfg, 'validation') == 1
   out = _read(cfg, 'train')
   assert [e['file_name'].decode() for e in out] == ['img_0.jpg', 'img_1.jpg', 'img_2.jpg']
   expected = _stripes([255, 0, 4, 255] if reduce_zero else [0, 1, 5, 255])
@@ -347,11 +348,11 @@ def test_mmseg_folder_source(tmp_path, rng, layout, suffix, reduce_zero):
     np.testing.assert_array_equal(e['label'], expected)
   halves = [_read(cfg, 'train', shard_index=i, num_shards=2) for i in range(2)]
   assert [e['file_name'] for h in halves for e in h] == [e['file_name'] for e in out]
-  assert int(datasets.get_source(cfg, 'train', shard_index=1, num_shards=2)
+  assert int(reader.get_source(cfg, 'train', shard_index=1, num_shards=2)
              .cardinality()) == 1
-  empty = datasets.get_source(cfg, 'validation', shard_index=1, num_shards=2)
+  empty = reader.get_source(cfg, 'validation', shard_index=1, num_shards=2)
   assert _read(cfg, 'validation', shard_index=1, num_shards=2) == []
-  assert empty.element_spec == datasets.get_source(cfg, 'validation').element_spec
+  assert empty.element_spec == reader.get_source(cfg, 'validation').element_spec
 
 
 def test_mmseg_folder_pascal_context_layout(tmp_path, rng):
@@ -369,7 +370,7 @@ def test_mmseg_folder_pascal_context_layout(tmp_path, rng):
   cfg = _cfg(source='mmseg_folder', folder=str(tmp_path / 'VOCdevkit'),
              reduce_zero_label=True, num_classes=59)
   out = _read(cfg, 'train')
-  assert len(out) == 2 and datasets.num_examples(cfg, 'validation') == 1
+  assert len(out) == 2 and reader.num_examples(cfg, 'validation') == 1
   np.testing.assert_array_equal(out[0]['label'], _stripes([255, 0, 58]))
 
 
@@ -381,13 +382,13 @@ def test_mmseg_folder_bad_data_is_named(tmp_path, rng):
   cfg = _cfg(source='mmseg_folder', folder=root, reduce_zero_label=False, num_classes=10)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'ann_dir/train/bad\.png'):
     _read(cfg, 'train')
-  with pytest.raises(common.DatasetError, match=r'bad\.png.*\[20\]'):
+  with pytest.raises(DatasetError, match=r'bad\.png.*\[20\]'):
     mmseg_folder.validate(root, num_classes=10, reduce_zero=False, log=lambda *_: None)
   os.remove(os.path.join(root, 'ann_dir', 'val', 'v.png'))
-  with pytest.raises(common.DatasetError, match=r'val/v\.jpg: no annotation'):
-    datasets.num_examples(cfg, 'validation')
-  with pytest.raises(common.DatasetError, match='not an mmseg data folder'):
-    datasets.get_source(_cfg(source='mmseg_folder', folder=str(tmp_path)), 'train')
+  with pytest.raises(DatasetError, match=r'val/v\.jpg: no annotation'):
+    reader.num_examples(cfg, 'validation')
+  with pytest.raises(DatasetError, match='not an mmseg data folder'):
+    reader.get_source(_cfg(source='mmseg_folder', folder=str(tmp_path)), 'train')
 
 
 def test_mmseg_folder_size_mismatch_is_named(tmp_path, rng):
@@ -429,7 +430,7 @@ def test_synthetic_is_deterministic_and_seeded():
   assert images.shape == (12, 48, 48, 3) and labels.shape == (12, 48, 48)
   assert not images.flags.writeable and not labels.flags.writeable  # cached: shared, read-only
   assert synthetic.load(cfg, 'train')[0] is images
-  assert datasets.num_examples(cfg, 'validation') == 5
+  assert reader.num_examples(cfg, 'validation') == 5
   assert len(synthetic.load(cfg, 'validation')[0]) == 5
   np.testing.assert_array_equal(images[3], a[0])
   np.testing.assert_array_equal(labels[3], a[1])
@@ -440,7 +441,7 @@ def test_synthetic_is_deterministic_and_seeded():
 def test_synthetic_has_no_tf_data_source():
   """The in-memory source is served by numpy_pipeline; get_source says so."""
   with pytest.raises(ValueError, match='numpy_pipeline'):
-    datasets.get_source(_cfg(source='synthetic', num_classes=5), 'train')
+    reader.get_source(_cfg(source='synthetic', num_classes=5), 'train')
 
 
 def test_synthetic_labels_and_shapes():
@@ -482,7 +483,7 @@ def test_palettes():
   assert len(palettes.class_names('ade20k')) == 150
   assert len(palettes.class_names('coco_stuff10k')) == 171
   assert len(palettes.class_names('pascal_context')) == 60
-  assert palettes.class_names('pascal_context', 59) == palettes.PASCAL_CONTEXT_59_CLASSES
+  assert palettes.class_names('pascal_context', 59) == pascal_context.CLASSES_59
   assert palettes.class_names('synthetic', 5)[0] == 'background'
   with pytest.raises(ValueError, match='150 classes'):
     palettes.class_names('ade20k', 151)
@@ -539,7 +540,7 @@ def test_exif_rotated_image_fails_the_build_naming_the_orientation(tmp_path):
   examples = [('ADE_train_00000001', rotated, _stripes([1, 2], 48, 40))]
   (tmp_path / 'manual').mkdir()
   layouts.ade20k_zip(str(tmp_path / 'manual'), examples, examples)
-  with pytest.raises(common.DatasetError,
+  with pytest.raises(DatasetError,
                      match=r'00000001\.jpg: image is 40x48 .*EXIF orientation'):
     _build('ade20k', tmp_path / 'manual', tmp_path / 'data')
 
@@ -557,5 +558,5 @@ def test_mmseg_folder_reads_palette_labels_as_indices(tmp_path, rng):
 
 def test_get_source_rejects_unknown_source():
   with pytest.raises(ValueError, match="source='nope'"):
-    datasets.get_source(_cfg(source='nope'), 'train')
-  assert re.search('ade20k', datasets.ade20k.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    reader.get_source(_cfg(source='nope'), 'train')
+  assert re.search('ade20k', ade20k.MANUAL_DOWNLOAD_INSTRUCTIONS)

@@ -1,9 +1,9 @@
 """input_pipeline.py: shapes, determinism, resume, host shards, eval padding, global arrays.
 
-A small in-memory source stands in for `segvit_jax.data.datasets.get_source`: example i has a constant
-image of value 10 + 15 i (so it can be recognised after resize / crop / normalisation with the
-photometric step off) and a blocky label; hosts read contiguous near-equal blocks, like the
-dataset sources do.
+A small in-memory source stands in for `segvit_jax.data.sources.reader.get_source`: example i has a
+constant image of value 10 + 15 i (so it can be recognised after resize / crop / normalisation
+with the photometric step off) and a blocky label; hosts read contiguous near-equal blocks, like
+the dataset sources do.
 """
 
 import itertools
@@ -21,6 +21,7 @@ import tensorflow as tf
 import mmcv_reference
 from segvit_jax.data import augment
 from segvit_jax import config as config_lib
+from segvit_jax import sharding
 from segvit_jax.data import input_pipeline
 
 NUM = 12
@@ -320,22 +321,22 @@ def test_global_batch_on_simulated_devices():
       np.testing.assert_array_equal(np.asarray(s.data), host[key][s.index])
   # A mesh without 'fsdp': the batch is split over 'data' only.
   mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ('data', 'model'))
-  assert input_pipeline.batch_sharding(mesh2).spec == P(('data',))
+  assert sharding.batch_sharding(mesh2).spec == P(('data',))
   ds = tf.data.Dataset.range(3).map(lambda i: {'x': tf.fill([8, 2], tf.cast(i, tf.float32))})
   got = [np.asarray(b['x'])[:, 0].tolist() for b in input_pipeline.global_batches(ds, mesh)]
   assert got == [[float(i)] * 8 for i in range(3)], got
 
 
 # ---------------------------------------------------------------------------------------------
-# With the real sources: a TFDS build through tf.data (`segvit_jax.data.datasets.get_source`), the
-# synthetic source through numpy_pipeline (no files, no TensorFlow needed).
+# With the real sources: a TFDS build through tf.data (`segvit_jax.data.sources.reader.get_source`),
+# the synthetic source through numpy_pipeline (no files, no TensorFlow needed).
 
 
 def test_with_a_tfds_build(tmp_path):
   """The TFDS source (sharded even splits, decoding in the graph) through both pipelines."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Imported for its side effect: it registers the TFDS builder 'ade20k' used below.
-  from segvit_jax.data.datasets import sources  # noqa: F401  # pylint: disable=unused-import
+  from segvit_jax.data.sources import tfds_builder  # noqa: F401  # pylint: disable=unused-import
   try:
     from tests import official_layouts as layouts  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -21,6 +21,7 @@ import mmcv_reference
 from segvit_jax.data import augment
 from segvit_jax import config as config_lib
 from segvit_jax.data import mmseg_rules
+from segvit_jax.data import numpy_augment
 from segvit_jax.data import numpy_pipeline
 from segvit_jax.data import tf_pipeline
 from segvit_jax.data.datasets import synthetic
@@ -59,11 +60,11 @@ def test_hsv_steps_equal_tensorflow_kernels():
   image[12:16] = image[12:16, :, :1]  # greys: no hue
   image[16:18] = 0.0
   for factor in (0.5, 0.93, 1.37, 1.4999):
-    np.testing.assert_array_equal(numpy_pipeline.adjust_saturation(image, np.float32(factor)),
+    np.testing.assert_array_equal(numpy_augment.adjust_saturation(image, np.float32(factor)),
                                   tf.image.adjust_saturation(image, factor).numpy())
   for hue in (-18, -7, 0, 5, 17):
     delta = np.float32(hue) / np.float32(180)
-    got = numpy_pipeline.adjust_hue(image, delta)
+    got = numpy_augment.adjust_hue(image, delta)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, tf.image.adjust_hue(image, delta).numpy(), err_msg=hue)
 
@@ -81,7 +82,7 @@ def test_train_transform_equals_augment_given_the_same_uniforms(photometric):
     seed = np.array([7, i], np.int64)
     expected = {k: v.numpy() for k, v in reference(image, label, seed).items()}
     u = augment.example_uniforms(seed).numpy()
-    got = numpy_pipeline.train_transform(image, label, u, photometric=photometric, **TRAIN_KW)
+    got = numpy_augment.train_transform(image, label, u, photometric=photometric, **TRAIN_KW)
     assert got['image'].shape == (32, 40, 3) and got['image'].dtype == np.float32
     assert got['label'].shape == (32, 40) and got['label'].dtype == np.int32
     np.testing.assert_array_equal(got['label'], expected['label'])
@@ -134,7 +135,7 @@ def test_crop_choice_and_fallback_equal_augment():
     label = _blocky_label(rng, h, w, num_classes=int(rng.integers(1, 4)), block=12)
     new_hw = tuple(int(v) for v in rng.integers(16, 90, 2))
     offsets = mmseg_rules.crop_offsets(rng.random((mmseg_rules.CROP_TRIES + 1, 2)), new_hw, crop)
-    (y0, x0), window = numpy_pipeline.choose_crop(label, new_hw, crop, offsets, 0.75)
+    (y0, x0), window = numpy_augment.choose_crop(label, new_hw, crop, offsets, 0.75)
     ref_y0x0, ref_window = reference(label, new_hw, offsets)
     assert (y0, x0) == tuple(ref_y0x0.numpy()), trial
     np.testing.assert_array_equal(window, ref_window)
@@ -148,11 +149,11 @@ def test_crop_choice_and_fallback_equal_augment():
   assert fell_through > 0 and accepted_first > 0
   # One class everywhere: every checked candidate fails, the last one is used.
   offsets = mmseg_rules.crop_offsets(rng.random((mmseg_rules.CROP_TRIES + 1, 2)), (40, 50), crop)
-  y0x0, window = numpy_pipeline.choose_crop(np.ones((40, 50), np.uint8), (40, 50), crop, offsets,
+  y0x0, window = numpy_augment.choose_crop(np.ones((40, 50), np.uint8), (40, 50), crop, offsets,
                                             0.75)
   assert y0x0 == tuple(offsets[-1]) and window.shape == crop
   # cat_max_ratio >= 1: the first candidate, unchecked.
-  assert numpy_pipeline.choose_crop(np.ones((40, 50), np.uint8), (40, 50), crop, offsets,
+  assert numpy_augment.choose_crop(np.ones((40, 50), np.uint8), (40, 50), crop, offsets,
                                     1.0)[0] == tuple(offsets[0])
 
 
@@ -165,16 +166,16 @@ def test_eval_transform_equals_tf_pipeline():
   for min_size in (0, 34):
     kw['min_size'] = min_size
     expected = tf_pipeline.eval_transform({'image': image, 'label': label, 'file_name': 'f'}, **kw)
-    got = numpy_pipeline.eval_transform(image, label, **kw)
+    got = numpy_augment.eval_transform(image, label, **kw)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
       assert got[key].dtype == value.dtype.as_numpy_dtype, key
       np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
   assert tuple(got['image_size']) == (34, 53)  # short side 34 >= 30: min_size rules
   with pytest.raises(UserError, match=r'example f2: .*config\.dataset\.eval_pad_size=\(32, 96\)'):
-    numpy_pipeline.eval_transform(image, label, name='f2', **dict(kw, pad_size=(32, 96)))
+    numpy_augment.eval_transform(image, label, name='f2', **dict(kw, pad_size=(32, 96)))
   with pytest.raises(UserError, match=r'config\.dataset\.eval_label_pad_size=\(40, 40\)'):
-    numpy_pipeline.eval_transform(image, label, **dict(kw, label_pad_size=(40, 40)))
+    numpy_augment.eval_transform(image, label, **dict(kw, label_pad_size=(40, 40)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_rows_are_the_transform_of_the_stream_rules():
     for row, p in enumerate(numpy_pipeline.host_positions(step, 6, host, b)):
       assert p == step * 6 + host * b + row
       k = numpy_pipeline.epoch_order(3, p // NUM_TRAIN, NUM_TRAIN, True)[p % NUM_TRAIN]
-      expected = numpy_pipeline.train_transform(
+      expected = numpy_augment.train_transform(
           images[k], labels[k], numpy_pipeline.example_uniforms(3, p), **kw)
       np.testing.assert_array_equal(batch['image'][row], expected['image'])
       np.testing.assert_array_equal(batch['label'][row], expected['label'])

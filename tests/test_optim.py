@@ -9,6 +9,7 @@ import torch
 
 from segvit_jax import config as config_lib
 from segvit_jax import optim
+from segvit_jax.data.datasets import coco_stuff10k
 
 
 def mmcv_lr(it, base, max_iters, power, min_lr, warmup, ratio):
@@ -39,7 +40,7 @@ def test_schedule_matches_mmcv(power, min_lr, max_iters):
 
 def test_schedule_from_config_uses_recipe_keys():
   config = config_lib.get_base_config()
-  config_lib.coco_stuff10k(config)
+  coco_stuff10k.recipe(config)
   schedule = optim.schedule_from_config(config)
   for it in (0, 1499, 1500, 40_000, 79_999):
     want = mmcv_lr(it, 2e-5, 80_000, 2.0, 0.0, 1500, 1e-6)

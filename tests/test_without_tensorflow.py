@@ -19,12 +19,13 @@ import pytest
 import tiny_runs
 
 # The modules that must not import TensorFlow (everything but the data layer: tf_pipeline,
-# augment, datasets.sources / builders / mmseg_folder).
+# augment, sources.tfds_builder / mmseg_folder / reader).
 TF_FREE = ['segvit_jax.main', 'segvit_jax.training.loop', 'segvit_jax.training.eval_mode',
            'segvit_jax.predict', 'segvit_jax.convert.checkpoints',
            'segvit_jax.aot.compile', 'segvit_jax.aot.summary', 'segvit_jax.checkpoint',
            'segvit_jax.evaluation.evaluators', 'segvit_jax.data.input_pipeline', 'segvit_jax.data.numpy_pipeline',
-           'segvit_jax.data.datasets', 'segvit_jax.data.datasets.synthetic', 'segvit_jax.data.datasets.common',
+           'segvit_jax.data.datasets', 'segvit_jax.data.datasets.ade20k', 'segvit_jax.data.palettes',
+           'segvit_jax.data.sources', 'segvit_jax.data.sources.checks', 'segvit_jax.data.prepare',
            'segvit_jax.training.tensorboard_events', 'bench.throughput', 'bench.gpu_check']
 
 

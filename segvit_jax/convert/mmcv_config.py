@@ -14,6 +14,7 @@ from absl import logging
 import ml_collections
 
 from segvit_jax import config as config_lib
+from segvit_jax.data import datasets
 from segvit_jax.errors import UserError
 
 
@@ -102,15 +103,6 @@ def parse(text: str) -> Dict[str, Any]:
   return names
 
 
-# mmseg dataset classes -> (segvit_jax dataset recipe in segvit_jax.config, K it implies).
-_DATASETS = {
-    'ADE20KDataset': ('ade20k', 150),
-    'COCOStuffDataset': ('coco_stuff10k', 171),
-    'PascalContextDataset': ('pascal_context', 60),
-    'PascalContextDataset59': ('pascal_context', 59),
-}
-
-
 def _pair(value: Any, what: str) -> Tuple[int, int]:
   if isinstance(value, int):
     return (value, value)
@@ -196,15 +188,11 @@ def _set_model(m: ml_collections.ConfigDict, backbone: Mapping[str, Any],
 def _set_dataset(config: ml_collections.ConfigDict, cfg: Mapping[str, Any]) -> None:
   dataset_type = cfg.get('dataset_type') or dict(dict(cfg.get('data') or {}).get(
       'train') or {}).get('type')
-  if dataset_type in _DATASETS:
-    recipe, k = _DATASETS[dataset_type]
-    if recipe == 'coco_stuff10k':
-      config_lib.coco_stuff10k(config)
-    elif recipe == 'pascal_context':
-      config_lib.pascal_context(config)
-      if k == 59:
-        config.dataset.tfds_name = 'pascal_context/59'
-        config.dataset.reduce_zero_label = True
+  # The dataset that declares the official type (segvit_jax.data.datasets) applies its recipe.
+  declared = datasets.by_mmseg_type(dataset_type)
+  if declared is not None:
+    dataset, num_classes = declared
+    dataset.apply_recipe(config, num_classes)
   norm = cfg.get('img_norm_cfg')
   if isinstance(norm, Mapping) and 'mean' in norm and 'std' in norm:
     config.dataset.mean = tuple(float(x) for x in norm['mean'])

@@ -1,8 +1,9 @@
 """Input pipelines: host batches of the configured source, and global arrays sharded over a mesh.
 
 Two pipelines yield the same batches by the same rules:
-- `numpy_pipeline` for in-memory sources (`config.dataset.source='synthetic'`): numpy only, so the
-  demo, the benchmarks and GPU machines need no TensorFlow;
+- `numpy_pipeline` for in-memory sources (a dataset declared with `in_memory`, e.g.
+  `config.dataset.source='synthetic'`): numpy only, so the demo, the benchmarks and GPU machines
+  need no TensorFlow;
 - `tf_pipeline` (tf.data) for file sources ('tfds' builds, 'mmseg_folder'): needs TensorFlow.
 `create_train_dataset` / `create_eval_dataset` pick one by the source.
 
@@ -28,7 +29,7 @@ to a multiple of the mesh's batch shards (data x fsdp) and of the process count
 Every host yields the same number of batches; missing examples are padding with valid=False.
 
 `make_global_batch` / `global_batches` turn host batches into `jax.Array`s sharded over the mesh's
-data axes (multi-host: each process contributes its rows).
+batch axes (`sharding.batch_sharding`; multi-host: each process contributes its rows).
 """
 
 import collections
@@ -39,22 +40,23 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from segvit_jax import errors
 from segvit_jax import sharding
+from segvit_jax.data import datasets
 from segvit_jax.errors import UserError
 
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'validation'
-IN_MEMORY_SOURCES = ('synthetic',)
 
 
 def pipeline_for(config: ml_collections.ConfigDict,
                  source_fn: Optional[Callable[..., Any]] = None):
   """The module that reads config.dataset.source (`source_fn`: a tf.data source, tests)."""
   source = config.dataset.source
-  if source_fn is None and source in IN_MEMORY_SOURCES:
+  dataset = datasets.find(source)
+  if source_fn is None and dataset is not None and dataset.in_memory is not None:
     from segvit_jax.data import numpy_pipeline  # pylint: disable=g-import-not-at-top
     return numpy_pipeline
   return errors.import_tensorflow_module(
@@ -71,7 +73,8 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
     config: the experiment config (uses seed, batch_size and dataset.*).
     process_index, process_count: this host and the number of hosts (jax.process_index/count()).
     start_step: the global step of the first batch (resuming from a checkpoint).
-    source_fn: a tf.data source replacing `segvit_jax.data.datasets.get_source` (tests, benchmarks).
+    source_fn: a tf.data source replacing `segvit_jax.data.sources.reader.get_source` (tests,
+      benchmarks).
   """
   kwargs = dict(process_index=process_index, process_count=process_count, start_step=start_step)
   if source_fn is not None:
@@ -153,20 +156,13 @@ def eval_batch_size(config: ml_collections.ConfigDict, process_count: int,
 # Global arrays.
 
 
-def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = ('data', 'fsdp')) -> NamedSharding:
-  """Leading (batch) dimension split over the mesh's data axes, the rest replicated."""
-  axes = tuple(a for a in data_axes if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes or None))
-
-
-def make_global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
-                      data_axes: Sequence[str] = ('data', 'fsdp')) -> dict[str, jax.Array]:
+def make_global_batch(host_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Host batch (numpy, leading dim = this process's rows) -> global `jax.Array`s.
 
   The global batch is the concatenation of every process's rows in process order. Non-numeric
   entries (strings) are dropped: they cannot live on devices.
   """
-  sharding_ = batch_sharding(mesh, data_axes)
+  sharding_ = sharding.batch_sharding(mesh)
   out = {}
   for key, value in host_batch.items():
     value = np.asarray(value)
@@ -177,7 +173,6 @@ def make_global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
 
 
 def global_batches(host_batches: Iterable[Any], mesh: Mesh,
-                   data_axes: Sequence[str] = ('data', 'fsdp'),
                    prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
   """Iterates host batches (a tf.data.Dataset or any iterable of numpy dicts) as global arrays,
   keeping `prefetch` batches on device ahead."""
@@ -187,7 +182,7 @@ def global_batches(host_batches: Iterable[Any], mesh: Mesh,
 
   def enqueue(n):
     for batch in itertools.islice(iterator, n):
-      queue.append(make_global_batch(batch, mesh, data_axes))
+      queue.append(make_global_batch(batch, mesh))
 
   enqueue(prefetch + 1)
   while queue:

@@ -1,5 +1,5 @@
-"""The input pipeline of in-memory sources (`input_pipeline.IN_MEMORY_SOURCES`: 'synthetic'), in
-numpy: no TensorFlow, so the demo, the benchmarks and GPU machines run without it.
+"""The input pipeline of in-memory sources (a dataset declared with `in_memory`, e.g.
+'synthetic'), in numpy: no TensorFlow, so the demo, the benchmarks and GPU machines run without it.
 
 Batches have the layouts and the stream rules of `input_pipeline`'s docstring, as `tf_pipeline`
 yields them:
@@ -15,19 +15,10 @@ yields them:
   numpy's, not tf.data's: the two pipelines yield different (equally distributed) streams.
 - Eval: test-resized, normalised images 0-padded to dataset.eval_pad_size, labels at the original
   size 255-padded to dataset.eval_label_pad_size, with their sizes and a `valid` flag; each host
-  evaluates its contiguous block of the split (`datasets.common.even_range`) and pads its last
+  evaluates its contiguous block of the split (`sources.even_range`) and pads its last
   batches with valid=False rows, so that every host yields the same number of batches.
 
-The transforms are mmseg 0.24's (mmseg/datasets/pipelines/transforms.py) through `mmseg_rules`,
-the rules `augment` applies in TF: Resize(img_scale, ratio_range, keep_ratio) with cv2
-INTER_LINEAR for the image (bit for bit) and INTER_NEAREST for the label, RandomCrop with
-cat_max_ratio, RandomFlip, PhotoMetricDistortion, Normalize, Pad. Only the crop window of the
-resized image is computed. Fed the same uniforms as `augment.train_transform`, `train_transform`
-gives its output, bit for bit as measured on TensorFlow 2.21: PhotoMetricDistortion keeps
-augment's integer-valued float32 pixels floored after each step, and its saturation / hue steps
-compute in continuous HSV as TensorFlow's CPU kernels of `tf.image.adjust_saturation` /
-`adjust_hue` do (`adjust_saturation`, `adjust_hue`), then round as augment does.
-
+Examples are transformed by `numpy_augment` (mmseg's transforms, bit for bit as `augment`'s).
 A daemon thread transforms the next dataset.prefetch train batches while the device runs a step
 (`Prefetcher`).
 """
@@ -36,45 +27,46 @@ import collections.abc
 import itertools
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import ml_collections
 import numpy as np
 
+from segvit_jax.data import datasets
 from segvit_jax.data import input_pipeline
-from segvit_jax.data import mmseg_rules
-from segvit_jax.data.datasets import common
-from segvit_jax.data.datasets import synthetic
-from segvit_jax.errors import UserError
+from segvit_jax.data import numpy_augment
 from segvit_jax.data.input_pipeline import EVAL_SPLIT, TRAIN_SPLIT
-from segvit_jax.data.mmseg_rules import CROP_TRIES, IGNORE_LABEL, NUM_UNIFORMS
+from segvit_jax.data.mmseg_rules import IGNORE_LABEL, NUM_UNIFORMS
+from segvit_jax.data.sources import even_range
+from segvit_jax.errors import UserError
 
-# config.dataset.source -> (num_examples(dataset_config, split),
-#                           load(dataset_config, split) -> (images, labels), indexable by example:
-#                           images[i] (H, W, 3) uint8 RGB, labels[i] (H, W) uint8, 255 = ignore).
-_SOURCES = {
-    'synthetic': (synthetic.num_examples, synthetic.load),
-}
 _POLL_S = 0.1  # how often a prefetch thread blocked on a full queue checks for close()
 # The keys of the numpy generators drawn from config.seed: the shuffle and the augmentation read
 # separate streams, so epoch e's order is independent of the draws at stream position e.
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
 
 
-def _source(dataset_config: ml_collections.ConfigDict):
+def in_memory_names() -> list[str]:
+  """The sources this pipeline reads: the datasets declared with an in-memory source."""
+  return sorted(d.name for d in datasets.all_datasets() if d.in_memory is not None)
+
+
+def _source(dataset_config: ml_collections.ConfigDict) -> datasets.InMemorySource:
   source = dataset_config.source
-  if source not in _SOURCES:
+  dataset = datasets.find(source)
+  if dataset is None or dataset.in_memory is None:
     raise UserError(f'config.dataset.source={source!r} is not an in-memory source; the numpy '
-                    f'pipeline reads {sorted(_SOURCES)}.')
-  return _SOURCES[source]
+                    f'pipeline reads {in_memory_names()}.')
+  return dataset.in_memory
 
 
 def num_examples(dataset_config: ml_collections.ConfigDict, split: str) -> int:
   """Examples of `split` over all hosts; a UserError when the split is empty."""
-  n = int(_source(dataset_config)[0](dataset_config, split))
+  source = _source(dataset_config)
+  n = int(source.num_examples(dataset_config, split))
   if n <= 0:
-    key = {TRAIN_SPLIT: 'synthetic_num_train', EVAL_SPLIT: 'synthetic_num_val'}.get(split)
-    hint = f' (config.dataset.{key}={n})' if dataset_config.source == 'synthetic' and key else ''
+    key = source.split_size_keys.get(split)
+    hint = f' (config.dataset.{key}={n})' if key else ''
     raise UserError(f'The {split} split of config.dataset.source={dataset_config.source!r} is '
                     f'empty{hint}; it needs at least one example.')
   return n
@@ -83,7 +75,7 @@ def num_examples(dataset_config: ml_collections.ConfigDict, split: str) -> int:
 def load_split(dataset_config: ml_collections.ConfigDict, split: str):
   """(images, labels) of `split`: images[i] (H, W, 3) uint8 RGB, labels[i] (H, W) uint8."""
   num_examples(dataset_config, split)
-  return _source(dataset_config)[1](dataset_config, split)
+  return _source(dataset_config).load(dataset_config, split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,194 +109,6 @@ def host_positions(step: int, global_batch: int, process_index: int,
   """Global stream positions of this host's rows of global step `step`."""
   first = step * global_batch + process_index * local_batch
   return range(first, first + local_batch)
-
-
-# ---------------------------------------------------------------------------------------------
-# PhotoMetricDistortion's HSV steps as TensorFlow computes them (float32, CPU kernels).
-
-
-def _hsv_to_rgb(h, s, v) -> np.ndarray:
-  """TensorFlow's `hsv_to_rgb` of adjust_saturation_op.cc, float32: h in [0, 1], s, v."""
-  f32 = np.float32
-  c = s * v
-  m = v - c
-  dh = h * f32(6)
-  sextant = dh.astype(np.int32)  # truncation; dh == 6 (h rounded up to 1) has no sextant: 0s
-  # The kernel's fmod(dh, 2) by loops: up to 0 -> 2, then -2 while >= 2 (dh <= 6: 3 times).
-  f = np.where(dh <= 0, dh + f32(2), dh)
-  for _ in range(3):
-    f = np.where(f >= 2, f - f32(2), f)
-  x = c * (f32(1) - np.abs(f - f32(1)))
-  zero = np.zeros_like(c)
-  table = ((c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x))
-  masks = [sextant == k for k in range(6)]
-  return np.stack([np.select(masks, [t[i] for t in table], f32(0)) + m for i in range(3)], -1)
-
-
-def adjust_saturation(image: np.ndarray, factor) -> np.ndarray:
-  """`tf.image.adjust_saturation` of float32 RGB (..., 3) on TensorFlow's CPU: to HSV (H in
-  [0, 1)), S * factor clipped to [0, 1], back to RGB; float32 as the kernel computes it."""
-  f32 = np.float32
-  r, g, b = (image[..., i] for i in range(3))
-  v = np.maximum(r, np.maximum(g, b))
-  spread = v - np.minimum(r, np.minimum(g, b))
-  with np.errstate(divide='ignore', invalid='ignore'):
-    s = np.where(v > 0, spread / v, f32(0))
-    norm = f32(1) / (f32(6) * spread)
-    # The kernel adds 2/6 and 4/6 as doubles: the float32 product, a double sum, one rounding.
-    h = np.where(r == v, norm * (g - b), np.where(
-        g == v, (norm * (b - r)).astype(np.float64) + 2.0 / 6.0,
-        (norm * (r - g)).astype(np.float64) + 4.0 / 6.0).astype(f32))
-  h = np.where(spread <= 0, f32(0), h)  # grey: the kernel's 0 * inf is replaced by 0
-  h = np.where(h < 0, h + f32(1), h)
-  s = np.minimum(f32(1), np.maximum(f32(0), s * f32(factor)))
-  return _hsv_to_rgb(h, s, v)
-
-
-def adjust_hue(image: np.ndarray, delta) -> np.ndarray:
-  """`tf.image.adjust_hue` of float32 RGB (..., 3) on TensorFlow's CPU (adjust_hue_op.cc): the
-  hue as sextant + fraction in [0, 6) between the min and max channel, shifted by 6 * delta
-  (`delta` in turns, [-1, 1]); float32 as the kernel computes it."""
-  f32 = np.float32
-  r, g, b = (image[..., i] for i in range(3))
-  # The sextant from the channel order, ties broken as the kernel's if / else chain does.
-  r_lt_g = r < g
-  order = [r_lt_g & (b < r), r_lt_g & (b > g), r_lt_g, b < g, b > r]
-  sextant = np.select(order, [1, 3, 2, 0, 4], 5)
-  v_max = np.select(order, [g, b, g, r, b], r)
-  v_mid = np.select(order, [r, g, b, g, r], b)
-  v_min = np.select(order, [b, r, r, b, g], g)
-  with np.errstate(divide='ignore', invalid='ignore'):
-    ratio = (v_mid - v_min) / (v_max - v_min)
-  h = sextant.astype(f32) + np.where(sextant % 2 == 0, ratio, f32(1) - ratio)
-  h = np.where(v_max == v_min, f32(0), h)
-  h = h + f32(delta) * f32(6)
-  # The kernel's while loops into [0, 6): twice each covers any delta in [-1, 1].
-  for _ in range(2):
-    h = np.where(h < 0, h + f32(6), h)
-  for _ in range(2):
-    h = np.where(h >= 6, h - f32(6), h)
-  sextant = h.astype(np.int32)
-  ratio = h - sextant.astype(f32)
-  ratio = np.where(sextant % 2 == 0, ratio, f32(1) - ratio)
-  v_mid = v_min + ratio * (v_max - v_min)
-  table = ((v_max, v_mid, v_min), (v_mid, v_max, v_min), (v_min, v_max, v_mid),
-           (v_min, v_mid, v_max), (v_mid, v_min, v_max))
-  masks = [sextant == k for k in range(5)]  # 5 and anything else: (max, min, mid)
-  default = (v_max, v_min, v_mid)
-  return np.stack([np.select(masks, [t[i] for t in table], default[i]) for i in range(3)], -1)
-
-
-def photometric_distortion(image: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-  """mmseg 0.24 PhotoMetricDistortion on (h, w, 3) float32 RGB holding integers in [0, 255].
-
-  `params`: `mmseg_rules.photometric_params`. Order: brightness, contrast (if contrast_first),
-  saturation, hue, contrast (otherwise); each step clips and truncates as mmseg's uint8 images
-  do; saturation and hue in TensorFlow's continuous HSV, rounded (`augment`'s rule).
-  """
-  p = params
-
-  def contrast(x):
-    return mmseg_rules.convert_pixels(x, alpha=p['contrast']) if p['contrast_on'] else x
-
-  x = image
-  if p['brightness_on']:
-    x = mmseg_rules.convert_pixels(x, beta=p['brightness'])
-  if p['contrast_first']:
-    x = contrast(x)
-  if p['saturation_on']:
-    x = mmseg_rules.round_pixels(adjust_saturation(x, p['saturation']))
-  if p['hue_on']:
-    x = mmseg_rules.round_pixels(adjust_hue(x, np.float32(p['hue']) / np.float32(180)))
-  if not p['contrast_first']:
-    x = contrast(x)
-  return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Train transform of one example.
-
-
-def pad_bottom_right(x: np.ndarray, size: Sequence[int], value) -> np.ndarray:
-  """`x` padded at the bottom / right of its first two dims to `size` with `value` (mmseg Pad)."""
-  h, w = x.shape[:2]
-  if (h, w) == tuple(size):
-    return x
-  out = np.full(tuple(size) + x.shape[2:], value, x.dtype)
-  out[:h, :w] = x
-  return out
-
-
-def _crop_ok(window: np.ndarray, cat_max_ratio: float) -> bool:
-  counts = np.bincount(window.ravel(), minlength=256)
-  counts[IGNORE_LABEL] = 0  # mmseg counts the classes without ignore_index
-  return bool(mmseg_rules.crop_accepted(counts, cat_max_ratio))
-
-
-def choose_crop(label: np.ndarray, new_hw: Sequence[int], crop_hw: Sequence[int],
-                offsets: np.ndarray, cat_max_ratio: float):
-  """mmseg RandomCrop's choice among (CROP_TRIES + 1, 2) candidate (y0, x0) offsets.
-
-  The first of the first CROP_TRIES candidates whose crop of the resized label passes
-  `mmseg_rules.crop_accepted`, else the last one, unchecked (mmseg keeps the box it draws after
-  the 10th rejection); with cat_max_ratio >= 1 the first, unchecked. `label` (H, W) is the label
-  BEFORE resizing to `new_hw`: crops read it through cv2's nearest rule.
-
-  Returns:
-    ((y0, x0) ints, the (min(crop_h, new_h), min(crop_w, new_w)) window of the resized label).
-  """
-  ch, cw = min(crop_hw[0], new_hw[0]), min(crop_hw[1], new_hw[1])
-  rows = mmseg_rules.nearest_source_index(np.arange(new_hw[0]), label.shape[0], new_hw[0])
-  cols = mmseg_rules.nearest_source_index(np.arange(new_hw[1]), label.shape[1], new_hw[1])
-
-  def window(k):
-    y0, x0 = int(offsets[k][0]), int(offsets[k][1])
-    return (y0, x0), label[np.ix_(rows[y0:y0 + ch], cols[x0:x0 + cw])]
-
-  if cat_max_ratio >= 1.0:
-    return window(0)
-  for k in range(CROP_TRIES):
-    y0x0, win = window(k)
-    if _crop_ok(win, cat_max_ratio):
-      return y0x0, win
-  return window(CROP_TRIES)
-
-
-def train_transform(image: np.ndarray, label: np.ndarray, u: np.ndarray, *,
-                    crop_size: Sequence[int], img_scale: Sequence[int],
-                    ratio_range: Sequence[float], cat_max_ratio: float, flip_prob: float,
-                    photometric: bool, mean: Sequence[float], std: Sequence[float],
-                    min_size: int = 0) -> dict[str, np.ndarray]:
-  """mmseg's training transform of one example, from its uniforms: a pure function.
-
-  Args:
-    image: (H, W, 3) uint8 RGB.  label: (H, W) uint8 (255 = ignore).
-    u: (NUM_UNIFORMS,) uniforms in [0, 1) (`example_uniforms`; `augment.example_uniforms` gives
-      augment.train_transform's, so the two can be compared).
-    The rest: config.dataset's (as augment.train_transform).
-  Returns:
-    {'image': (Ch, Cw, 3) float32 normalised, 0 in the padding;
-     'label': (Ch, Cw) int32, 255 in the padding}, (Ch, Cw) = crop_size.
-  """
-  image, label = np.asarray(image), np.asarray(label)
-  if image.shape[:2] != label.shape[:2]:
-    raise ValueError(f'train_transform: image and label sizes differ: {image.shape[:2]} vs '
-                     f'{label.shape[:2]}.')
-  u = np.asarray(u, np.float64)
-  scale = mmseg_rules.random_scale(u[mmseg_rules.SLOT_RATIO], img_scale, ratio_range)
-  new_hw = tuple(int(s) for s in mmseg_rules.rescale_size(label.shape[:2], scale, min_size))
-  offsets = mmseg_rules.crop_offsets(u[mmseg_rules.SLOT_CROP:].reshape(CROP_TRIES + 1, 2),
-                                     new_hw, crop_size)
-  (y0, x0), lab = choose_crop(label, new_hw, crop_size, offsets, cat_max_ratio)
-  rows, cols = y0 + np.arange(lab.shape[0]), x0 + np.arange(lab.shape[1])
-  if u[mmseg_rules.SLOT_FLIP] < flip_prob:
-    cols, lab = cols[::-1], lab[:, ::-1]  # the flipped crop, read directly
-  img = mmseg_rules.resize_linear_window(image, new_hw, rows, cols).astype(np.float32)
-  if photometric:
-    img = photometric_distortion(img, mmseg_rules.photometric_params(u))
-  img = mmseg_rules.normalize(img, mean, std)
-  return {'image': pad_bottom_right(img, crop_size, 0.0),
-          'label': pad_bottom_right(lab.astype(np.int32), crop_size, IGNORE_LABEL)}
 
 
 def _train_kwargs(d: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -419,7 +223,7 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
   kwargs = _train_kwargs(d)
 
   def transform(image, label, u):
-    return train_transform(image, label, u, **kwargs)
+    return numpy_augment.train_transform(image, label, u, **kwargs)
 
   batches = _train_batches(images, labels, seed=int(config.seed),
                            shuffle=int(d.shuffle_buffer) > 1, global_batch=global_batch,
@@ -430,40 +234,6 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
 
 # ---------------------------------------------------------------------------------------------
 # Eval.
-
-
-def eval_transform(image: np.ndarray, label: np.ndarray, *, img_scale: Sequence[int],
-                   min_size: int, mean: Sequence[float], std: Sequence[float],
-                   pad_size: Sequence[int], label_pad_size: Sequence[int],
-                   scales: Sequence[float] = (1.0,), name: str = '') -> dict[str, np.ndarray]:
-  """The test transform of one example, padded to the static buckets (tf_pipeline.eval_transform).
-
-  Returns {'image': pad_size + (3,) float32, test-resized (mmseg Resize(keep_ratio=True),
-  cv2 INTER_LINEAR), normalised, 0-padded; 'image_size': (2,) int32 resized (h, w);
-  'scaled_size': (len(scales), 2) int32 resized (h, w) at each test ratio (MultiScaleFlipAug);
-  'label': label_pad_size int32 at the original size, 255-padded; 'label_size': (2,) int32;
-  'valid': True}. A UserError naming the example and the config key when a resized image or an
-  original label does not fit its bucket: never crops silently.
-  """
-  image_hw = image.shape[:2]
-  new_hw = tuple(int(s) for s in mmseg_rules.rescale_size(image_hw, img_scale, min_size))
-  for key, size, bucket in (('eval_pad_size', new_hw, pad_size),
-                            ('eval_label_pad_size', label.shape[:2], label_pad_size)):
-    if size[0] > bucket[0] or size[1] > bucket[1]:
-      what = 'resized image' if key == 'eval_pad_size' else 'label'
-      raise UserError(f'Eval example {name}: its {what} (h, w)={tuple(size)} does not fit '
-                      f'config.dataset.{key}={tuple(bucket)}; raise that bucket.')
-  resized = mmseg_rules.resize_linear(image, new_hw).astype(np.float32)
-  scaled = [mmseg_rules.rescale_size(image_hw, mmseg_rules.ratio_scale(img_scale, float(r)),
-                                     min_size) for r in scales]
-  return {
-      'image': pad_bottom_right(mmseg_rules.normalize(resized, mean, std), pad_size, 0.0),
-      'image_size': np.asarray(new_hw, np.int32),
-      'scaled_size': np.asarray(scaled, np.int32).reshape(len(scales), 2),
-      'label': pad_bottom_right(np.asarray(label, np.int32), label_pad_size, IGNORE_LABEL),
-      'label_size': np.asarray(label.shape[:2], np.int32),
-      'valid': np.bool_(True),
-  }
 
 
 def _padding_example(pad_size, label_pad_size, num_scales: int) -> dict[str, np.ndarray]:
@@ -513,7 +283,7 @@ class EvalBatches(collections.abc.Sequence):
 def eval_shard_sizes(config: ml_collections.ConfigDict, process_count: int) -> list[int]:
   """Examples each host evaluates (after config.eval.num_examples), host 0 first."""
   n = num_examples(config.dataset, EVAL_SPLIT)
-  sizes = [stop - start for start, stop in (common.even_range(n, i, process_count)
+  sizes = [stop - start for start, stop in (even_range(n, i, process_count)
                                             for i in range(process_count))]
   return input_pipeline.limit_eval_shards(sizes, config)
 
@@ -533,7 +303,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int
   pad_size, label_pad_size = input_pipeline.eval_pad_sizes(config)
   sizes = eval_shard_sizes(config, process_count)
   n = num_examples(d, EVAL_SPLIT)
-  start, _ = common.even_range(n, process_index, process_count)
+  start, _ = even_range(n, process_index, process_count)
   images, labels = load_split(d, EVAL_SPLIT)
   examples = [(images[i], labels[i], f'{d.name} {EVAL_SPLIT} #{i}')
               for i in range(start, start + sizes[process_index])]
@@ -543,7 +313,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, *, process_index: int
                 label_pad_size=label_pad_size, scales=scales)
 
   def transform(image, label, name):
-    return eval_transform(image, label, name=name, **kwargs)
+    return numpy_augment.eval_transform(image, label, name=name, **kwargs)
 
   num_batches = -(-max(sizes) // local_batch)
   return EvalBatches(examples, local_batch, num_batches, transform,

@@ -6,7 +6,8 @@ Every host reads (not decodes) every training record; sources yield encoded imag
 where they can, decoded only after the shuffle, the skip and the host's selection
 (`decode_example`), so the shuffle buffer holds encoded examples and resuming is cheap.
 
-The only module besides `augment` and `datasets/` that imports TensorFlow.
+With `augment` and the file sources (`sources.tfds_builder`, `sources.mmseg_folder`,
+`sources.reader`), the only modules that import TensorFlow.
 """
 
 import math
@@ -27,8 +28,8 @@ SourceFn = Callable[..., tf.data.Dataset]
 
 
 def _default_source_fn() -> SourceFn:
-  from segvit_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.get_source
+  from segvit_jax.data.sources import reader  # pylint: disable=g-import-not-at-top
+  return reader.get_source
 
 
 def _num_examples(source: tf.data.Dataset, what: str) -> int:
@@ -94,7 +95,7 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, process_index: in
     config: the experiment config (uses seed, batch_size and dataset.*).
     process_index, process_count: this host and the number of hosts (jax.process_index/count()).
     start_step: the global step of the first batch (resuming from a checkpoint).
-    source_fn: replaces `segvit_jax.data.datasets.get_source` (tests, benchmarks).
+    source_fn: replaces `segvit_jax.data.sources.reader.get_source` (tests, benchmarks).
   """
   _keep_tensorflow_off_accelerators()
   d = config.dataset

@@ -1,33 +1,19 @@
-"""Data sources of segvit_jax: TFDS builders, mmseg folders and a synthetic task.
+"""The datasets segvit_jax declares, one file each: ade20k, coco_stuff10k, pascal_context (TFDS
+builds of the official downloads) and synthetic (rendered in memory).
 
-The TFDS builders `ade20k`, `coco_stuff10k` and `pascal_context` (configs '59' and '60') are
-registered when `segvit_jax.data.datasets.sources` (or the builder's module) is imported. Build one with
-  python -m segvit_jax.data.datasets.prepare NAME --manual_dir=M --data_dir=D
-and read a file source with `get_source(config.dataset, split, shard_index=, num_shards=)`.
-
-Importing this package imports nothing else: TensorFlow and TFDS load with the modules that use
-them (`sources` and the builders), so the synthetic source and everything outside the data layer
-run without them. Its names resolve on first use.
+Importing this package registers them (`segvit_jax.data.registry`) and imports no TensorFlow:
+a declaration holds facts and plain-Python build steps; TFDS and tf.data come with
+`segvit_jax.data.sources`. Look a dataset up by name with `get` ('ade20k'), or by the official
+mmseg dataset type with `by_mmseg_type`; declare another with `register`.
 """
 
-import importlib
+from segvit_jax.data.datasets import ade20k
+from segvit_jax.data.datasets import coco_stuff10k
+from segvit_jax.data.datasets import pascal_context
+from segvit_jax.data.datasets import synthetic
+from segvit_jax.data.registry import (BuildInputs, Dataset, InMemorySource, TfdsBuild, TfdsConfig,
+                                      all_datasets, by_mmseg_type, find, get, names, register)
 
-_NAMES = {
-    'DatasetError': 'segvit_jax.data.datasets.common',
-    'get_source': 'segvit_jax.data.datasets.sources',
-    'num_examples': 'segvit_jax.data.datasets.sources',
-    'class_names': 'segvit_jax.data.palettes',
-    'palette': 'segvit_jax.data.palettes',
-}
-_MODULES = ('ade20k', 'coco_stuff10k', 'pascal_context', 'common', 'mmseg_folder', 'prepare',
-            'sources', 'synthetic')
-
-__all__ = sorted(_NAMES) + list(_MODULES)
-
-
-def __getattr__(name: str):
-  if name in _NAMES:
-    return getattr(importlib.import_module(_NAMES[name]), name)
-  if name in _MODULES:
-    return importlib.import_module(f'{__name__}.{name}')
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__all__ = ['BuildInputs', 'Dataset', 'InMemorySource', 'TfdsBuild', 'TfdsConfig', 'ade20k',
+           'all_datasets', 'by_mmseg_type', 'coco_stuff10k', 'find', 'get', 'names',
+           'pascal_context', 'register', 'synthetic']

@@ -10,6 +10,9 @@ ids among 1..90, then stuff 92..182) to 1..171 in increasing order and keeps 0, 
 dataset's reduce_zero_label then makes 0 -> 255 and k -> k - 1. Net effect: unlabeled -> 255,
 the i-th used id (i = 0..170) -> i. The 11 ids COCO never annotates (12, 26, 29, 30, 45, 66,
 68, 69, 71, 83, 91) and values above 182 are rejected as out of range.
+
+The declaration: class names in train-id order (mmseg's COCOStuffDataset.CLASSES), the VOC colour
+table, the recipe of the official COCO-Stuff-10K configs, the TFDS build and the mmseg dataset type.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from __future__ import annotations
 import os
 
 from absl import logging
+import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from segvit_jax.data import mmseg_rules
-from segvit_jax.data.datasets import common
+from segvit_jax.data import registry
+from segvit_jax.data.sources import DatasetError
+from segvit_jax.data.sources import archives
+from segvit_jax.data.sources import checks
 
 ARCHIVE = 'cocostuff-10k-v1.1.zip'
 FOLDER = 'cocostuff-10k-v1.1'  # the archive extracted into this folder of the manual dir
@@ -43,7 +49,7 @@ or extract it into <manual_dir>/{FOLDER}/ so that these exist:
   <manual_dir>/{FOLDER}/imageLists/train.txt
   <manual_dir>/{FOLDER}/imageLists/test.txt
 Then run:
-  python -m segvit_jax.data.datasets.prepare coco_stuff10k \\
+  python -m segvit_jax.data.prepare coco_stuff10k \\
       --manual_dir=<manual_dir> --data_dir=<data_dir>
 """
 
@@ -55,6 +61,34 @@ _CITATION = """\
   year={2018}
 }"""
 
+CLASSES = (
+    # 80 thing classes (COCO ids 1..90 without the 10 unused ones).
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat',
+    'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack',
+    'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball',
+    'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket',
+    'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+    'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair',
+    'couch', 'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse',
+    'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
+    'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier',
+    'toothbrush',
+    # 91 stuff classes (COCO-Stuff ids 92..182).
+    'banner', 'blanket', 'branch', 'bridge', 'building-other', 'bush', 'cabinet', 'cage',
+    'cardboard', 'carpet', 'ceiling-other', 'ceiling-tile', 'cloth', 'clothes', 'clouds',
+    'counter', 'cupboard', 'curtain', 'desk-stuff', 'dirt', 'door-stuff', 'fence',
+    'floor-marble', 'floor-other', 'floor-stone', 'floor-tile', 'floor-wood', 'flower', 'fog',
+    'food-other', 'fruit', 'furniture-other', 'grass', 'gravel', 'ground-other', 'hill',
+    'house', 'leaves', 'light', 'mat', 'metal', 'mirror-stuff', 'moss', 'mountain', 'mud',
+    'napkin', 'net', 'paper', 'pavement', 'pillow', 'plant-other', 'plastic', 'platform',
+    'playingfield', 'railing', 'railroad', 'river', 'road', 'rock', 'roof', 'rug', 'salad',
+    'sand', 'sea', 'shelf', 'sky-other', 'skyscraper', 'snow', 'solid-other', 'stairs',
+    'stone', 'straw', 'structural-other', 'table', 'tent', 'textile-other', 'towel', 'tree',
+    'vegetable', 'wall-brick', 'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone',
+    'wall-tile', 'wall-wood', 'water-other', 'waterdrops', 'window-blind', 'window-other',
+    'wood')
+
 
 def used_ids() -> list[int]:
   """The 171 COCO-Stuff ids present in the annotations, in train-id order."""
@@ -65,55 +99,37 @@ def label_lut() -> np.ndarray:
   """Raw COCO-Stuff-10K value -> train id (mmseg converter + reduce_zero_label)."""
   mapping = {0: mmseg_rules.IGNORE_LABEL}
   mapping.update({cid: i for i, cid in enumerate(used_ids())})
-  return common.make_lut(mapping, 256)
+  return checks.make_lut(mapping, 256)
 
 
-class CocoStuff10k(tfds.core.GeneratorBasedBuilder):
-  """COCO-Stuff-10K v1.1 semantic segmentation, mmseg's 171 train ids."""
-
-  name = 'coco_stuff10k'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Train ids 0..170, 255 = unlabeled; test list = validation.'}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-
-  def _info(self):
-    return common.dataset_info(
-        self, description=__doc__,
-        homepage='https://github.com/nightrome/cocostuff10k', citation=_CITATION)
-
-  def _split_generators(self, dl_manager):
-    manual_dir = common.manual_dir(dl_manager, 'coco_stuff10k', MANUAL_DOWNLOAD_INSTRUCTIONS)
-    source = common.find_source(manual_dir, [ARCHIVE, FOLDER])
-    if source is None:
-      raise common.missing_source_error('coco_stuff10k', manual_dir, MANUAL_DOWNLOAD_INSTRUCTIONS)
-    return {split: self._generate_examples(source, split, dl_manager.extract)
-            for split in SPLITS}
-
-  def _generate_examples(self, source, split, extract=None):
-    list_name, official_count = SPLITS[split]
-    lut = label_lut()
-    with common.open_archive(source, extract) as archive:
-      names = set(archive.names())
-      anchors = [n for n in names
-                 if n.endswith(f'imageLists/{list_name}') and not common.is_junk(n)]
-      if not anchors:
-        raise common.DatasetError(
-            f'{source}: imageLists/{list_name} not found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
-      prefix = anchors[0][:-len(f'imageLists/{list_name}')]
-      stems = _read_list(archive.read(anchors[0]))
-      common.warn_count(logging, f'coco_stuff10k {split}', len(stems), official_count)
-      for stem in sorted(stems):
-        image_name = f'{prefix}images/{stem}.jpg'
-        label_name = f'{prefix}annotations/{stem}.mat'
-        for n in (image_name, label_name):
-          if n not in names:
-            raise common.DatasetError(
-                f'{source}: {n} is listed in imageLists/{list_name} but missing.')
-        where = f'{source}:{label_name}'
-        raw = common.decode_mat_label(archive.read(label_name), where, LABEL_KEY)
-        yield stem, common.make_example(
-            archive.read(image_name), f'{source}:{image_name}', raw, where, lut,
-            file_name=os.path.basename(image_name))
+def generate_examples(inputs: registry.BuildInputs, split: str):
+  """(stem, example) of the images `split`'s image list names, sorted, from the archive or its
+  extracted folder."""
+  [source] = inputs.sources
+  list_name, official_count = SPLITS[split]
+  lut = label_lut()
+  with archives.open_archive(source, inputs.extract) as archive:
+    names = set(archive.names())
+    anchors = [n for n in names
+               if n.endswith(f'imageLists/{list_name}') and not archives.is_junk(n)]
+    if not anchors:
+      raise DatasetError(
+          f'{source}: imageLists/{list_name} not found.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    prefix = anchors[0][:-len(f'imageLists/{list_name}')]
+    stems = _read_list(archive.read(anchors[0]))
+    checks.warn_count(logging, f'coco_stuff10k {split}', len(stems), official_count)
+    for stem in sorted(stems):
+      image_name = f'{prefix}images/{stem}.jpg'
+      label_name = f'{prefix}annotations/{stem}.mat'
+      for n in (image_name, label_name):
+        if n not in names:
+          raise DatasetError(
+              f'{source}: {n} is listed in imageLists/{list_name} but missing.')
+      where = f'{source}:{label_name}'
+      raw = checks.decode_mat_label(archive.read(label_name), where, LABEL_KEY)
+      yield stem, checks.make_example(
+          archive.read(image_name), f'{source}:{image_name}', raw, where, lut,
+          file_name=os.path.basename(image_name))
 
 
 def _read_list(data: bytes) -> list[str]:
@@ -125,3 +141,44 @@ def _read_list(data: bytes) -> list[str]:
       stems.append(os.path.splitext(os.path.basename(line))[0] if line.endswith('.jpg')
                    else line)
   return stems
+
+
+def recipe(config: ml_collections.ConfigDict, num_classes=None) -> None:
+  """COCO-Stuff-10K: 171 classes, 512 crops, wd 0.02, poly power 2, 80k iterations."""
+  del num_classes  # one variant
+  config.num_train_steps = 80_000
+  config.checkpoint_every_steps = 8000
+  config.model.img_size = (512, 512)
+  config.model.num_classes = 171
+  config.optim.weight_decay = 0.02
+  config.optim.poly_power = 2.0
+  d = config.dataset
+  d.name = d.tfds_name = 'coco_stuff10k'
+  d.num_classes = 171
+  d.reduce_zero_label = True
+  d.crop_size = (512, 512)
+  d.img_scale = (2048, 512)
+  d.test_img_scale = (2048, 512)
+  d.test_min_size = 512
+  d.eval_pad_size = (1536, 1536)  # short side 512, long side up to 3x
+  d.eval_label_pad_size = (640, 640)  # COCO images are at most 640 on a side
+  config.eval.crop_size = (512, 512)
+  config.eval.stride = (341, 341)
+
+
+DATASET = registry.register(registry.Dataset(
+    name='coco_stuff10k',
+    aliases=('coco_stuff',),
+    class_names=CLASSES,
+    recipe=recipe,
+    mmseg_types={'COCOStuffDataset': NUM_CLASSES},
+    tfds=registry.TfdsBuild(
+        version='1.0.0',
+        release_notes={'1.0.0': 'Train ids 0..170, 255 = unlabeled; test list = validation.'},
+        description=__doc__,
+        homepage='https://github.com/nightrome/cocostuff10k',
+        citation=_CITATION,
+        manual_download_instructions=MANUAL_DOWNLOAD_INSTRUCTIONS,
+        sources=((ARCHIVE, FOLDER),),
+        generate_examples=generate_examples),
+))

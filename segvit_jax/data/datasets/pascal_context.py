@@ -18,18 +18,27 @@ Split: VOC2010 `ImageSets/Main/train.txt` (4998 images) and `val.txt` (5105 imag
 train/val split of PASCAL-Context (the same counts as the Detail API split mmseg uses). A
 VOC2010/ImageSets/SegmentationContext/{train,val}.txt from mmseg's converter, or
 <manual_dir>/pascal_context_{train,val}.txt, take precedence when present.
+
+The declaration: class names in train-id order (mmseg's PascalContextDataset /
+PascalContextDataset59 CLASSES), the VOC colour table, the recipe of the released SegViT PC configs
+(and its 59-class variant), the TFDS build with configs '60' and '59', and the mmseg dataset types.
 """
 
 from __future__ import annotations
 
 import os
 
+from typing import Optional
+
 from absl import logging
+import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from segvit_jax.data import mmseg_rules
-from segvit_jax.data.datasets import common
+from segvit_jax.data import registry
+from segvit_jax.data.sources import DatasetError
+from segvit_jax.data.sources import archives
+from segvit_jax.data.sources import checks
 
 VOC_ARCHIVE = 'VOCtrainval_03-May-2010.tar'
 VOC_FOLDER = 'VOCdevkit'
@@ -61,7 +70,7 @@ Place two files in <manual_dir>:
 Optional: <manual_dir>/pascal_context_train.txt and pascal_context_val.txt (one image id per
 line) replace the VOC2010 Main train/val split.
 Then run:
-  python -m segvit_jax.data.datasets.prepare pascal_context \\
+  python -m segvit_jax.data.prepare pascal_context \\
       --manual_dir=<manual_dir> --data_dir=<data_dir>
 """
 
@@ -74,6 +83,25 @@ _CITATION = """\
   year={2014}
 }"""
 
+CLASSES_59 = (
+    'aeroplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book',
+    'bottle', 'building', 'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth',
+    'computer', 'cow', 'cup', 'curtain', 'dog', 'door', 'fence', 'floor', 'flower', 'food',
+    'grass', 'ground', 'horse', 'keyboard', 'light', 'motorbike', 'mountain', 'mouse',
+    'person', 'plate', 'platform', 'pottedplant', 'road', 'rock', 'sheep', 'shelves',
+    'sidewalk', 'sign', 'sky', 'snow', 'sofa', 'table', 'track', 'train', 'tree', 'truck',
+    'tvmonitor', 'wall', 'water', 'window', 'wood')
+
+CLASSES_60 = ('background',) + CLASSES_59
+
+
+def class_names(num_classes: Optional[int] = None) -> tuple[str, ...]:
+  """The 60 class names (background first), or the 59 without it."""
+  k = 60 if num_classes is None else num_classes
+  if k not in (59, 60):
+    raise ValueError(f'PASCAL-Context has 59 or 60 classes, got {k}.')
+  return CLASSES_59 if k == 59 else CLASSES_60
+
 
 def label_lut(num_classes: int) -> np.ndarray:
   """Raw LabelMap value (0..459) -> train id for the 60- or 59-class protocol."""
@@ -84,76 +112,43 @@ def label_lut(num_classes: int) -> np.ndarray:
   mapping = {i: background for i in range(NUM_CONTEXT_LABELS + 1)}
   mapping.update({cid: i + offset for i, cid in enumerate(CONTEXT_59_IDS)})
   # Raw 255 is a real context class ('monkey'), so no pass-through for it.
-  return common.make_lut(mapping, 1 << 16, keep_ignore=False)
+  return checks.make_lut(mapping, 1 << 16, keep_ignore=False)
 
 
-class PascalContext(tfds.core.GeneratorBasedBuilder):
-  """PASCAL-Context semantic segmentation, 60 (with background) or 59 classes."""
-
-  name = 'pascal_context'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Configs 59 and 60; VOC2010 Main train/val split.'}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-  BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(
-          name='60', description='Background 0 + 59 classes (60 train ids, no ignore).'),
-      tfds.core.BuilderConfig(
-          name='59', description='59 classes 0..58; background is ignored (255).'),
-  ]
-  DEFAULT_CONFIG_NAME = '60'
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.builder_config.name)
-
-  def _info(self):
-    return common.dataset_info(
-        self, description=__doc__,
-        homepage='https://cs.stanford.edu/~roozbeh/pascal-context/', citation=_CITATION)
-
-  def _split_generators(self, dl_manager):
-    manual_dir = common.manual_dir(dl_manager, 'pascal_context', MANUAL_DOWNLOAD_INSTRUCTIONS)
-    voc = common.find_source(manual_dir, [VOC_ARCHIVE, VOC_FOLDER])
-    context = common.find_source(manual_dir, [CONTEXT_ARCHIVE, CONTEXT_FOLDER])
-    if voc is None or context is None:
-      missing = [n for n, s in ((VOC_ARCHIVE, voc), (CONTEXT_ARCHIVE, context)) if s is None]
-      raise common.missing_source_error(
-          f'pascal_context (missing {", ".join(missing)})', manual_dir,
-          MANUAL_DOWNLOAD_INSTRUCTIONS)
-    return {split: self._generate_examples(voc, context, os.fspath(manual_dir), split,
-                                           dl_manager.extract)
-            for split in SPLITS}
-
-  def _generate_examples(self, voc_source, context_source, manual_dir, split, extract=None):
-    voc_list, override, official_count = SPLITS[split]
-    lut = label_lut(self.num_classes)
-    with common.open_archive(voc_source, extract) as voc, \
-        common.open_archive(context_source, extract) as context:
-      voc_names = set(voc.names())
-      anchors = [n for n in voc_names if n.endswith('VOC2010/ImageSets/Main/train.txt')
-                 and not common.is_junk(n)]
-      if not anchors:
-        raise common.DatasetError(
-            f'{voc_source}: VOC2010/ImageSets/Main/train.txt not found.\n'
-            f'{MANUAL_DOWNLOAD_INSTRUCTIONS}')
-      root = anchors[0][:-len('ImageSets/Main/train.txt')]  # '.../VOC2010/'
-      ids = _split_ids(voc, voc_names, root, voc_list, os.path.join(manual_dir, override))
-      mats = common.match_names(context.names(), r'(?:.*/)?([^/]+)\.mat')
-      common.warn_count(logging, f'pascal_context {split}', len(ids), official_count)
-      for image_id in sorted(ids):
-        image_name = f'{root}JPEGImages/{image_id}.jpg'
-        if image_name not in voc_names:
-          raise common.DatasetError(
-              f'{voc_source}: {image_name} (in the {split} list) is missing.')
-        if image_id not in mats:
-          raise common.DatasetError(
-              f'{context_source}: no annotation {CONTEXT_FOLDER}/{image_id}.mat for '
-              f'{split} image {image_id}.')
-        where = f'{context_source}:{mats[image_id]}'
-        raw = common.decode_mat_label(context.read(mats[image_id]), where, LABEL_KEY)
-        yield image_id, common.make_example(
-            voc.read(image_name), f'{voc_source}:{image_name}', raw, where, lut,
-            file_name=f'{image_id}.jpg')
+def generate_examples(inputs: registry.BuildInputs, split: str):
+  """(image id, example) of `split`, sorted, from the VOC2010 and the context archives (or their
+  extracted folders), labelled for the config being built ('60' or '59')."""
+  voc_source, context_source = inputs.sources
+  manual_dir = inputs.manual_dir
+  voc_list, override, official_count = SPLITS[split]
+  lut = label_lut(inputs.config.num_classes)
+  with archives.open_archive(voc_source, inputs.extract) as voc, \
+      archives.open_archive(context_source, inputs.extract) as context:
+    voc_names = set(voc.names())
+    anchors = [n for n in voc_names if n.endswith('VOC2010/ImageSets/Main/train.txt')
+               and not archives.is_junk(n)]
+    if not anchors:
+      raise DatasetError(
+          f'{voc_source}: VOC2010/ImageSets/Main/train.txt not found.\n'
+          f'{MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    root = anchors[0][:-len('ImageSets/Main/train.txt')]  # '.../VOC2010/'
+    ids = _split_ids(voc, voc_names, root, voc_list, os.path.join(manual_dir, override))
+    mats = archives.match_names(context.names(), r'(?:.*/)?([^/]+)\.mat')
+    checks.warn_count(logging, f'pascal_context {split}', len(ids), official_count)
+    for image_id in sorted(ids):
+      image_name = f'{root}JPEGImages/{image_id}.jpg'
+      if image_name not in voc_names:
+        raise DatasetError(
+            f'{voc_source}: {image_name} (in the {split} list) is missing.')
+      if image_id not in mats:
+        raise DatasetError(
+            f'{context_source}: no annotation {CONTEXT_FOLDER}/{image_id}.mat for '
+            f'{split} image {image_id}.')
+      where = f'{context_source}:{mats[image_id]}'
+      raw = checks.decode_mat_label(context.read(mats[image_id]), where, LABEL_KEY)
+      yield image_id, checks.make_example(
+          voc.read(image_name), f'{voc_source}:{image_name}', raw, where, lut,
+          file_name=f'{image_id}.jpg')
 
 
 def _split_ids(voc, voc_names, root, voc_list, override_path) -> list[str]:
@@ -169,3 +164,56 @@ def _split_ids(voc, voc_names, root, voc_list, override_path) -> list[str]:
 
 def _parse_ids(data: bytes) -> list[str]:
   return [line.split()[0] for line in data.decode('utf-8').splitlines() if line.strip()]
+
+
+def recipe(config: ml_collections.ConfigDict, num_classes: Optional[int] = None) -> None:
+  """PASCAL-Context, 60 classes with background as the released configs: 480 crops, wd 0.03.
+
+  num_classes=59: the 59-class protocol (background ignored), as mmseg's PascalContextDataset59.
+  """
+  config.num_train_steps = 80_000
+  config.checkpoint_every_steps = 8000
+  config.model.img_size = (480, 480)
+  config.model.num_classes = 60
+  config.optim.weight_decay = 0.03
+  d = config.dataset
+  d.name = 'pascal_context'
+  d.tfds_name = 'pascal_context/60'
+  d.num_classes = 60
+  d.reduce_zero_label = False
+  d.crop_size = (480, 480)
+  d.img_scale = (520, 520)
+  d.test_img_scale = (520, 520)
+  d.test_min_size = 480
+  d.eval_pad_size = (1536, 1536)  # short side 520, aspect ratio up to 2.95
+  d.eval_label_pad_size = (512, 512)  # VOC images are at most 500 on a side
+  config.eval.crop_size = (480, 480)
+  config.eval.stride = (320, 320)
+  if num_classes == 59:
+    config.model.num_classes = d.num_classes = 59
+    d.tfds_name = 'pascal_context/59'
+    d.reduce_zero_label = True
+
+
+DATASET = registry.register(registry.Dataset(
+    name='pascal_context',
+    class_names=class_names,
+    recipe=recipe,
+    mmseg_types={'PascalContextDataset': 60, 'PascalContextDataset59': 59},
+    tfds=registry.TfdsBuild(
+        version='1.0.0',
+        release_notes={'1.0.0': 'Configs 59 and 60; VOC2010 Main train/val split.'},
+        description=__doc__,
+        homepage='https://cs.stanford.edu/~roozbeh/pascal-context/',
+        citation=_CITATION,
+        manual_download_instructions=MANUAL_DOWNLOAD_INSTRUCTIONS,
+        sources=((VOC_ARCHIVE, VOC_FOLDER), (CONTEXT_ARCHIVE, CONTEXT_FOLDER)),
+        generate_examples=generate_examples,
+        configs=(
+            registry.TfdsConfig(
+                name='60', description='Background 0 + 59 classes (60 train ids, no ignore).',
+                num_classes=60),
+            registry.TfdsConfig(
+                name='59', description='59 classes 0..58; background is ignored (255).',
+                num_classes=59))),
+))

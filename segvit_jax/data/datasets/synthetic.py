@@ -1,8 +1,8 @@
 """A synthetic segmentation task: textured shapes on textured backgrounds, K classes.
 
 Class 0 is the background: a smooth, low-frequency two-colour blend. Class c >= 1 is a
-shape of type SYNTHETIC_SHAPES[c - 1] filled with the high-frequency texture
-SYNTHETIC_TEXTURES[c - 1] (stripes of some orientation, checkers, dots...; periods of 4-7
+shape of type SHAPES[c - 1] filled with the high-frequency texture
+TEXTURES[c - 1] (stripes of some orientation, checkers, dots...; periods of 4-7
 pixels). Every region, background included, draws its two colours uniformly at random, so
 colour says nothing about the class: a model has to read texture (and shape). Shapes are
 17-48 pixels across at 96x96 (scaled with the image size), 3-5 per image, and may occlude
@@ -10,7 +10,8 @@ each other. Every example is a pure function of (seed, split, index).
 
 Numpy only: `load` renders a whole split into memory (a few MB, cached) for
 `segvit_jax.data.numpy_pipeline`, so the demo, the benchmarks and the tests need no files and no
-TensorFlow.
+TensorFlow. The declaration (`config.dataset.source='synthetic'`): the class names, the VOC colour
+table, and the in-memory source; configs/synthetic.py is its config.
 """
 
 from __future__ import annotations
@@ -20,11 +21,24 @@ import math
 
 import numpy as np
 
-from segvit_jax.data import palettes
+from segvit_jax.data import registry
 
+# Foreground class c (1..K-1) = texture c-1 on shape c-1; class 0 = background.
+TEXTURES = ('h-stripes', 'v-stripes', 'checker', 'diag-stripes', 'dots', 'antidiag-stripes',
+            'crosshatch', 'rings')
+SHAPES = ('circle', 'square', 'triangle', 'diamond', 'ellipse', 'hexagon', 'bar', 'cross')
 SPLIT_CODES = {'train': 0, 'validation': 1}
 _MIN_CONTRAST = 90.0  # Euclidean RGB distance between the two colours of a region
 _NOISE_STD = 4.0
+
+
+def class_names(num_classes: int | None = None) -> tuple[str, ...]:
+  """Names of the synthetic classes: 'background', then '<texture> <shape>' (default K = 5)."""
+  num_classes = 5 if num_classes is None else num_classes
+  if not 2 <= num_classes <= len(TEXTURES) + 1:
+    raise ValueError(f'synthetic num_classes must be in [2, {len(TEXTURES) + 1}], '
+                     f'got {num_classes}.')
+  return ('background',) + tuple(f'{TEXTURES[i]} {SHAPES[i]}' for i in range(num_classes - 1))
 
 
 def _image_hw(image_size) -> tuple[int, int]:
@@ -135,7 +149,7 @@ def _shape_mask(kind: str, yy, xx, centre, size: float, angle: float) -> np.ndar
 def render(index: int, *, seed: int, split: str, image_size=96,
            num_classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
   """Example `index` of `split`: (image (H, W, 3) uint8 RGB, label (H, W) uint8 in 0..K-1)."""
-  palettes.synthetic_class_names(num_classes)  # validates num_classes
+  class_names(num_classes)  # validates num_classes
   if split not in SPLIT_CODES:
     raise ValueError(f"synthetic split must be 'train' or 'validation', got {split!r}.")
   h, w = _image_hw(image_size)
@@ -159,8 +173,8 @@ def render(index: int, *, seed: int, split: str, image_size=96,
     y0, y1 = max(0, int(centre[0]) - r), min(h, int(centre[0]) + r + 1)
     x0, x1 = max(0, int(centre[1]) - r), min(w, int(centre[1]) + r + 1)
     by, bx = yy[y0:y1, x0:x1], xx[y0:y1, x0:x1]
-    mask = _shape_mask(palettes.SYNTHETIC_SHAPES[cls - 1], by, bx, centre, size, angle)
-    p = _texture(palettes.SYNTHETIC_TEXTURES[cls - 1], by, bx, rng, centre)[..., None]
+    mask = _shape_mask(SHAPES[cls - 1], by, bx, centre, size, angle)
+    p = _texture(TEXTURES[cls - 1], by, bx, rng, centre)[..., None]
     box = image[y0:y1, x0:x1]
     box[mask] = (a + (b - a) * p)[mask]
     label[y0:y1, x0:x1][mask] = cls
@@ -203,3 +217,12 @@ def load(dataset_config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The split `config.dataset` describes: images (N, H, W, 3) uint8 RGB and labels (N, H, W)
   uint8 in 0..K-1, example i at index i (`make_split`: cached, read-only)."""
   return make_split(split, num_examples(dataset_config, split), **_sizes(dataset_config))
+
+
+DATASET = registry.register(registry.Dataset(
+    name='synthetic',
+    class_names=class_names,
+    in_memory=registry.InMemorySource(
+        num_examples=num_examples, load=load,
+        split_size_keys={'train': 'synthetic_num_train', 'validation': 'synthetic_num_val'}),
+))

@@ -28,7 +28,9 @@ import tensorflow as tf
 
 from segvit_jax.data import augment
 from segvit_jax.data import mmseg_rules
-from segvit_jax.data.datasets import common
+from segvit_jax.data.sources import DatasetError
+from segvit_jax.data.sources import checks
+from segvit_jax.data.sources import even_range
 
 _IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
 _LABEL_SUFFIXES = ('.png', '_labelTrainIds.png')
@@ -70,13 +72,13 @@ def _pair_dir(img_dir: str, ann_dir: str) -> Pairs:
   images = sorted(os.path.join(img_dir, f) for f in os.listdir(img_dir)
                   if f.lower().endswith(_IMAGE_EXTS) and not f.startswith('._'))
   if not images:
-    raise common.DatasetError(f'{img_dir}: no images (*.jpg, *.png).')
+    raise DatasetError(f'{img_dir}: no images (*.jpg, *.png).')
   labels = []
   for im in images:
     lab = _label_for(im, ann_dir)
     if lab is None:
       stem = os.path.splitext(os.path.basename(im))[0]
-      raise common.DatasetError(
+      raise DatasetError(
           f'{im}: no annotation {os.path.join(ann_dir, stem)}'
           f'{{{",".join(_LABEL_SUFFIXES)}}}.')
     labels.append(lab)
@@ -87,7 +89,7 @@ def _pascal_context_pairs(voc: str, split: str) -> Pairs:
   list_name = {'train': 'train', 'validation': 'val'}[split]
   list_path = os.path.join(voc, 'ImageSets', 'SegmentationContext', f'{list_name}.txt')
   if not os.path.exists(list_path):
-    raise common.DatasetError(f'{list_path}: split list missing.')
+    raise DatasetError(f'{list_path}: split list missing.')
   with open(list_path) as f:
     ids = sorted(line.split()[0] for line in f if line.strip())
   images, labels = [], []
@@ -95,9 +97,9 @@ def _pascal_context_pairs(voc: str, split: str) -> Pairs:
     im = os.path.join(voc, 'JPEGImages', f'{i}.jpg')
     lab = _label_for(im, os.path.join(voc, 'SegmentationClassContext'))
     if not os.path.exists(im):
-      raise common.DatasetError(f'{im}: listed in {list_path} but missing.')
+      raise DatasetError(f'{im}: listed in {list_path} but missing.')
     if lab is None:
-      raise common.DatasetError(
+      raise DatasetError(
           f'{im}: no annotation in {os.path.join(voc, "SegmentationClassContext")}.')
     images.append(im)
     labels.append(lab)
@@ -109,7 +111,7 @@ def find_pairs(folder: str, split: str) -> Pairs:
   if split not in _SPLIT_DIRS:
     raise ValueError(f"mmseg_folder split must be 'train' or 'validation', got {split!r}.")
   if not folder or not os.path.isdir(folder):
-    raise common.DatasetError(
+    raise DatasetError(
         f'config.dataset.folder={folder!r} is not a folder. Expected one of: '
         f'{_LAYOUTS_TEXT}.')
   for img_parent, ann_parent in (('img_dir', 'ann_dir'), ('images', 'annotations')):
@@ -118,14 +120,14 @@ def find_pairs(folder: str, split: str) -> Pairs:
     if os.path.isdir(img_root) and os.path.isdir(ann_root):
       img_dir, ann_dir = _split_dir(img_root, split), _split_dir(ann_root, split)
       if img_dir is None or ann_dir is None:
-        raise common.DatasetError(
+        raise DatasetError(
             f'{folder}: no {split} folder; expected one of {_SPLIT_DIRS[split]} under both '
             f'{img_root} and {ann_root}.')
       return _pair_dir(img_dir, ann_dir)
   for voc in (folder, os.path.join(folder, 'VOC2010')):
     if os.path.isdir(os.path.join(voc, 'SegmentationClassContext')):
       return _pascal_context_pairs(voc, split)
-  raise common.DatasetError(
+  raise DatasetError(
       f'{folder}: not an mmseg data folder. Expected one of: {_LAYOUTS_TEXT}.')
 
 
@@ -133,7 +135,7 @@ def _check_label_format(path: str) -> None:
   """Label maps hold class indices in one 8-bit channel: grey or palette PNGs (mmseg reads both)."""
   with Image.open(path) as im:
     if im.format != 'PNG' or im.mode not in ('L', 'P'):
-      raise common.DatasetError(
+      raise DatasetError(
           f'{path}: label maps must be 8-bit single-channel (grey or palette) PNGs holding class '
           f'indices, got {im.format} mode {im.mode}. Convert with '
           "PIL: Image.fromarray(np.asarray(Image.open(p)).astype(np.uint8)).save(p).")
@@ -174,7 +176,7 @@ def source(dataset_config, split: str, shard_index: int = 0,
   pairs = find_pairs(dataset_config.folder, split)
   if pairs.labels:
     _check_label_format(pairs.labels[0])
-  start, stop = common.even_range(len(pairs.images), shard_index, num_shards)
+  start, stop = even_range(len(pairs.images), shard_index, num_shards)
   ds = tf.data.Dataset.from_tensor_slices(
       (tf.constant(pairs.images[start:stop], tf.string, shape=[stop - start]),
        tf.constant(pairs.labels[start:stop], tf.string, shape=[stop - start])))
@@ -197,9 +199,9 @@ def validate(folder: str, num_classes: int, reduce_zero: bool,
   """
   if reduce_zero:
     ignore = mmseg_rules.IGNORE_LABEL
-    lut = common.make_lut({0: ignore, **{k: k - 1 for k in range(1, num_classes + 1)}}, 256)
+    lut = checks.make_lut({0: ignore, **{k: k - 1 for k in range(1, num_classes + 1)}}, 256)
   else:
-    lut = common.make_lut({k: k for k in range(num_classes)}, 256)
+    lut = checks.make_lut({k: k for k in range(num_classes)}, 256)
   counts = {}
   for split in splits:
     pairs = find_pairs(folder, split)
@@ -207,10 +209,10 @@ def validate(folder: str, num_classes: int, reduce_zero: bool,
       _check_label_format(lab)
       with open(im, 'rb') as f:
         data = f.read()
-      hw = common.check_image(data, im)
+      hw = checks.check_image(data, im)
       with open(lab, 'rb') as f:
-        label = common.apply_lut(common.decode_png_label(f.read(), lab), lut, lab)
-      common.check_same_size(hw, label, im, lab, common.exif_swaps_sides(data))
+        label = checks.apply_lut(checks.decode_png_label(f.read(), lab), lut, lab)
+      checks.check_same_size(hw, label, im, lab, checks.exif_swaps_sides(data))
       if (n + 1) % 500 == 0:
         log(f'{split}: checked {n + 1}/{len(pairs.images)}')
     counts[split] = len(pairs.images)

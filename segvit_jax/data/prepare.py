@@ -1,15 +1,17 @@
 r"""Builds a TFDS dataset from the official files, or checks an mmseg data folder.
 
-  python -m segvit_jax.data.datasets.prepare ade20k --manual_dir=~/downloads --data_dir=~/tfds
-  python -m segvit_jax.data.datasets.prepare coco_stuff10k --manual_dir=... --data_dir=...
-  python -m segvit_jax.data.datasets.prepare pascal_context --manual_dir=... --data_dir=...
+  python -m segvit_jax.data.prepare ade20k --manual_dir=~/downloads --data_dir=~/tfds
+  python -m segvit_jax.data.prepare coco_stuff10k --manual_dir=... --data_dir=...
+  python -m segvit_jax.data.prepare pascal_context --manual_dir=... --data_dir=...
       (both configs; or pascal_context/59, pascal_context/60)
-  python -m segvit_jax.data.datasets.prepare mmseg_folder --folder=data/ade/ADEChallengeData2016 \
+  python -m segvit_jax.data.prepare mmseg_folder --folder=data/ade/ADEChallengeData2016 \
       --num_classes=150 --reduce_zero_label
 
-The manual directory holds the downloads (see each builder's instructions, printed when a
-file is missing). Nothing is downloaded. Progress bars show the examples written per split;
-a corrupt image, a size mismatch or an out-of-range label stops the build with the file name.
+NAME is a dataset declared with a TFDS build (`segvit_jax.data.datasets`), 'NAME/CONFIG' for
+one of its builder configs, or 'mmseg_folder'. The manual directory holds the downloads (see each
+dataset's instructions, printed when a file is missing). Nothing is downloaded. Progress bars show
+the examples written per split; a corrupt image, a size mismatch or an out-of-range label stops
+the build with the file name.
 """
 
 from __future__ import annotations
@@ -21,16 +23,26 @@ import time
 
 from segvit_jax import cli
 from segvit_jax import errors
+from segvit_jax.data import datasets
+from segvit_jax.data.sources import DatasetError
 
-NAMES = ('ade20k', 'coco_stuff10k', 'pascal_context', 'pascal_context/59',
-         'pascal_context/60', 'mmseg_folder')
+
+def names() -> list[str]:
+  """What the CLI builds: every declared TFDS build, each of its configs, 'mmseg_folder'."""
+  out = []
+  for dataset in datasets.all_datasets():
+    if dataset.tfds is not None:
+      out.append(dataset.name)
+      if dataset.tfds.configs:
+        out.extend(dataset.tfds_names())
+  return out + ['mmseg_folder']
 
 
 def _parse(argv):
   p = argparse.ArgumentParser(
-      prog='python -m segvit_jax.data.datasets.prepare',
+      prog='python -m segvit_jax.data.prepare',
       description=__doc__.split('\n')[0])
-  p.add_argument('name', choices=NAMES)
+  p.add_argument('name', choices=names())
   p.add_argument('--manual_dir', default=None,
                  help='folder with the official archives (default <data_dir>/downloads/manual)')
   p.add_argument('--data_dir', default=None,
@@ -50,15 +62,20 @@ def _expand(path):
 
 def build(name: str, manual_dir: str | None, data_dir: str | None,
           overwrite: bool = False, log=print) -> dict[str, dict[str, int]]:
-  """Prepares `name` (all configs for 'pascal_context'); returns {full name: split counts}."""
+  """Prepares `name` (every config of a dataset that has several); returns {full name: split
+  counts}."""
   tfds = errors.import_tensorflow_module('tensorflow_datasets', f'Building {name}')
-  from segvit_jax.data.datasets import sources  # noqa: F401  (registers the builders)
+  tfds_builder = errors.import_tensorflow_module('segvit_jax.data.sources.tfds_builder',
+                                                 f'Building {name}')
+  tfds_builder.register_builders()
 
-  names = ['pascal_context/60', 'pascal_context/59'] if name == 'pascal_context' else [name]
+  dataset = datasets.find(name)
+  configs = dataset.tfds.configs if dataset is not None and dataset.tfds is not None else ()
+  full_names = [f'{name}/{c.name}' for c in configs] or [name]
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   results = {}
-  for full in names:
+  for full in full_names:
     builder = tfds.builder(full, data_dir=data_dir)
     log(f'[{full}] building into {builder.data_dir}'
         + (f' from {manual_dir}' if manual_dir else ''))
@@ -75,13 +92,12 @@ def build(name: str, manual_dir: str | None, data_dir: str | None,
 
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  from segvit_jax.data.datasets import common  # pylint: disable=g-import-not-at-top
   try:
     if args.name == 'mmseg_folder':
-      mmseg_folder = errors.import_tensorflow_module('segvit_jax.data.datasets.mmseg_folder',
+      mmseg_folder = errors.import_tensorflow_module('segvit_jax.data.sources.mmseg_folder',
                                                      'Checking an mmseg folder')
       if not args.folder or args.num_classes is None:
-        raise common.DatasetError('mmseg_folder needs --folder=PATH and --num_classes=K.')
+        raise DatasetError('mmseg_folder needs --folder=PATH and --num_classes=K.')
       mmseg_folder.validate(_expand(args.folder), args.num_classes, args.reduce_zero_label)
     else:
       build(args.name, _expand(args.manual_dir), _expand(args.data_dir), args.overwrite)
