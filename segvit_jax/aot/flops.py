@@ -1,4 +1,4 @@
-r"""The FLOP model of SegViT: the paper's count, and the hardware FLOPs of a step from it.
+"""The FLOP model of SegViT: the paper's count, and the hardware FLOPs of a step from it.
 
 - `model_flops` / `total_flops`: an analytic count of the official PyTorch model as fvcore's
   `FlopCountAnalysis` sees it (the paper's GFLOPs come from the official
