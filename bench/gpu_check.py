@@ -1682,7 +1682,7 @@ def section_train_step(ctx: Context, timeout_s: float) -> Dict[str, Any]:
       items[k + ' torch'] = v['torch_eager']
   return dict(_status_of(items, None), pairs=results, official_batch_2_float32=_official_batch(
       results), matmul_ceiling_tflops=ctx.ceiling_tflops,
-      flops='analytic (segvit_jax.aot.compile.forward_flops), training = 3 x forward',
+      flops='analytic (segvit_jax.aot.flops.forward_flops), training = 3 x forward',
       torch_float32='TF32 (allow_tf32), as JAX\'s default GPU precision')
 
 

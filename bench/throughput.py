@@ -20,10 +20,10 @@ forward and `eval_loop.make_eval_step`. Random weights, batch `--batch_size`:
   softmax, argmax (and, in JAX, the batch's confusion matrix);
 - peak host memory (max RSS of the measuring process) and peak device memory where the device
   reports it (`memory_stats()`: GPU / TPU);
-- achieved FLOP/s from the analytic count `segvit-compile` uses (`compile.forward_flops`: a
+- achieved FLOP/s from the analytic count `segvit-compile` uses (`flops.forward_flops`: a
   multiply-add counts 2, LayerNorm and upsampling as counted), training = 3x the train forward
   (the usual forward + 2x backward convention; loss and optimizer not counted), eval step = every
-  model call it makes (`compile.eval_forwards`). MFU is printed where the device's dense bf16 peak
+  model call it makes (`flops.eval_forwards`). MFU is printed where the device's dense bf16 peak
   is known (H100 SXM / H200 989, H100 PCIe 756 TFLOP/s; TPU v4 275, v5e 197); for float32 runs it
   is still relative to that bf16 peak.
 
@@ -207,17 +207,17 @@ def random_images(rng: np.random.Generator, batch: int, hw, channels_first: bool
 
 def model_flops(config, slide_hw) -> Dict[str, float]:
   """FLOPs per image of each measurement ('train', 'infer', 'slide'), as `segvit-compile` counts
-  them: `compile.forward_flops`, training 3x the train forward, the eval step every model call
-  `compile.eval_forwards` finds for a bucket of `slide_hw` (windows, TTA views)."""
-  from segvit_jax.aot import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  them: `flops.forward_flops`, training 3x the train forward, the eval step every model call
+  `flops.eval_forwards` finds for a bucket of `slide_hw` (windows, TTA views)."""
+  from segvit_jax.aot import flops  # pylint: disable=g-import-not-at-top
   m = config.model
   slide_config = config.copy_and_resolve_references()
   slide_config.dataset.eval_pad_size = tuple(slide_hw)
   return {
-      'train': 3 * compile_lib.forward_flops(m, config.dataset.crop_size, train=True),
-      'infer': compile_lib.forward_flops(m, m.img_size, train=False),
-      'slide': sum(n * compile_lib.forward_flops(m, hw, train=False)
-                   for hw, n in compile_lib.eval_forwards(slide_config)),
+      'train': 3 * flops.forward_flops(m, config.dataset.crop_size, train=True),
+      'infer': flops.forward_flops(m, m.img_size, train=False),
+      'slide': sum(n * flops.forward_flops(m, hw, train=False)
+                   for hw, n in flops.eval_forwards(slide_config)),
   }
 
 

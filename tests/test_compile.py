@@ -14,7 +14,10 @@ import sys
 
 import pytest
 
-from segvit_jax.aot import compile as compile_lib
+from segvit_jax.aot import flops
+from segvit_jax.aot import max_batch
+from segvit_jax.aot import report
+from segvit_jax.aot import targets
 from segvit_jax.errors import UserError
 from segvit_jax.models import tpu_dropout_attention
 
@@ -119,17 +122,17 @@ def test_does_not_fit_names_the_batch_when_the_state_is_small():
           'state_gib': 1.5}
   result = {'train': step, 'eval': dict(step, fits=True), 'usable_hbm_gib': 15.75,
             'mesh': {'data': 4, 'fsdp': 1, 'model': 1}}
-  assert compile_lib.does_not_fit(result, compile_lib.CHIPS['v5litepod']) == (
+  assert report.does_not_fit(result, targets.CHIPS['v5litepod']) == (
       'the train step needs 20.50 GiB per chip, more than the 15.75 GiB a v5e chip offers (batch '
       '64, 16 per data shard): lower config.batch_size (--find_max_batch finds the largest), or '
       'set config.model.remat=True or config.optim.grad_accum_steps, or use more chips.')
   result['train'] = dict(step, fits=True)
   result['eval'] = dict(step, total_gib=None)
-  assert compile_lib.does_not_fit(result, compile_lib.CHIPS['v4']).startswith(
+  assert report.does_not_fit(result, targets.CHIPS['v4']).startswith(
       'the eval step needs more per chip, more than the 30.75 GiB a v4 chip offers (batch 64, '
       '16 per data shard): lower config.eval.batch_size or config.dataset.eval_pad_size')
   result['eval']['fits'] = True
-  assert compile_lib.does_not_fit(result, compile_lib.CHIPS['v4']) is None
+  assert report.does_not_fit(result, targets.CHIPS['v4']) is None
 
 
 def test_a_batch_that_does_not_divide_stops_before_compiling():
@@ -169,15 +172,15 @@ def test_cpu_devices_as_target():
     ('v4:2x2x4', 'v4:2x2x4', 16, 4, (2, 2, 1)),
 ])
 def test_topology_names(name, topology, chips, processes, bounds):
-  target = compile_lib.parse_topology(name)
+  target = targets.parse_topology(name)
   assert (target.topology, target.chips, target.processes, target.host_bounds) == (
       topology, chips, processes, bounds)
   family = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5litepod', 'v6e': 'v6e'}[topology.split(':')[0]]
-  assert target.chip == compile_lib.CHIPS[family]
+  assert target.chip == targets.CHIPS[family]
 
 
 def test_cpu_topology():
-  target = compile_lib.parse_topology('cpu:8')
+  target = targets.parse_topology('cpu:8')
   assert (target.chips, target.processes, target.chip) == (8, 1, None)
 
 
@@ -192,13 +195,13 @@ def test_cpu_topology():
 ])
 def test_topology_errors(name, message):
   with pytest.raises(UserError, match=message):
-    compile_lib.parse_topology(name)
+    targets.parse_topology(name)
 
 
 def test_published_chip_figures():
   # cloud.google.com/tpu/docs: per-chip bf16 peak, HBM capacity and bandwidth.
   figures = {name: (c.peak_flops, c.hbm_gib, c.hbm_bytes_per_s)
-             for name, c in compile_lib.CHIPS.items()}
+             for name, c in targets.CHIPS.items()}
   assert figures == {'v4': (275e12, 32, 1200e9), 'v5litepod': (197e12, 16, 819e9),
                      'v5p': (459e12, 95, 2765e9), 'v6e': (918e12, 32, 1638e9)}
 
@@ -217,7 +220,7 @@ def test_max_batch_search_is_economical(start, limit_gib, want):
     total = 1.0 + b + 0.001 * b * b
     return total, total <= limit_gib
 
-  best, log = compile_lib.search_max_batch(measure, start, measure(start), limit_gib)
+  best, log = max_batch.search_max_batch(measure, start, measure(start), limit_gib)
   assert best == want
   assert sorted(log) == sorted(compiled)
   assert len(compiled) <= 5
@@ -228,7 +231,7 @@ def test_max_batch_without_totals_for_what_does_not_fit():
     total = 1.0 + b
     return (total, True) if total <= 16.0 else (None, False)
 
-  best, log = compile_lib.search_max_batch(measure, 40, measure(40), 16.0)
+  best, log = max_batch.search_max_batch(measure, 40, measure(40), 16.0)
   assert best == 15 and len(log) <= 8
 
 
@@ -236,7 +239,7 @@ def test_max_batch_respects_the_accumulation_unit():
   def measure(b):
     return 1.0 + b, 1.0 + b <= 16.0
 
-  best, log = compile_lib.search_max_batch(measure, 4, measure(4), 16.0, unit=4)
+  best, log = max_batch.search_max_batch(measure, 4, measure(4), 16.0, unit=4)
   assert best == 12 and all(b % 4 == 0 for b in log)
 
 
@@ -247,25 +250,24 @@ def test_max_batch_respects_the_accumulation_unit():
 def test_eval_model_calls_cover_every_window():
   from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base_config()  # ADE20K: 2048 bucket, 640 crops, stride 608
-  assert compile_lib.eval_forwards(config) == [((640, 640), 16)]
+  assert flops.eval_forwards(config) == [((640, 640), 16)]
   config.eval.mode = 'whole'
-  assert compile_lib.eval_forwards(config) == [((2048, 2048), 1)]
+  assert flops.eval_forwards(config) == [((2048, 2048), 1)]
   config.eval.mode = 'slide'
   config.eval.multi_scale = True
-  forwards = compile_lib.eval_forwards(config)
+  forwards = flops.eval_forwards(config)
   assert len(forwards) == 6 and all(hw == (640, 640) for hw, _ in forwards)
   assert forwards[2] == ((640, 640), 2 * 16)  # ratio 1, with its flip
 
 
 def test_train_model_flops_are_three_forward_passes():
   from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from segvit_jax.aot import summary  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base_config()
-  train, evaluation = compile_lib.model_flops_per_chip(config, 16, train_batch=16, eval_batch=8)
-  breakdown = summary.model_flops(config.model)
-  fvcore = summary.total_flops(breakdown)  # multiply-adds count once there
-  forward = 2 * summary.total_flops(breakdown, ('matmul',)) + (
-      summary.total_flops(breakdown, ('norm', 'upsample')))
+  train, evaluation = flops.model_flops_per_chip(config, 16, train_batch=16, eval_batch=8)
+  breakdown = flops.model_flops(config.model)
+  fvcore = flops.total_flops(breakdown)  # multiply-adds count once there
+  forward = 2 * flops.total_flops(breakdown, ('matmul',)) + (
+      flops.total_flops(breakdown, ('norm', 'upsample')))
   assert 1.9 * fvcore < forward < 2 * fvcore
   assert evaluation == pytest.approx(16 * forward * 8 / 16)
   # The train forward stops at the mask logits; the rest is 3 passes over the same layers.

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from segvit_jax import config as config_lib
-from segvit_jax.models import resize
+from segvit_jax.aot import flops
 from segvit_jax.aot import summary
+from segvit_jax.models import resize
 from segvit_jax.models import segvit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,20 +50,21 @@ def test_params_and_gflops_match_the_paper(name):
   np.testing.assert_allclose(counts['backbone'] / 1e6, backbone, rtol=5e-3)
   np.testing.assert_allclose(counts['head'] / 1e6, head, rtol=5e-3)
   np.testing.assert_allclose(counts['total'] / 1e6, total, rtol=5e-3)
-  ours = summary.total_flops(summary.model_flops(config.model)) / 1e9
+  ours = flops.total_flops(flops.model_flops(config.model)) / 1e9
   np.testing.assert_allclose(ours, gflops, rtol=1e-2)
 
 
 def test_section_8_3_fine_structure():
   """Sharper than 1%: the counts agree with the README to its 0.1 G rounding where K is known,
   and the Shrunk saving is the reported ~41%."""
-  flops = {n: summary.total_flops(summary.model_flops(load_config(n).model)) / 1e9
-           for n in PAPER if not n.startswith('pcontext')}
-  for name, value in flops.items():
+  gflops = {n: flops.total_flops(flops.model_flops(load_config(n).model)) / 1e9
+            for n in PAPER if not n.startswith('pcontext')}
+  for name, value in gflops.items():
     assert abs(value - PAPER[name][1]) <= 0.05 + 1e-9, (name, value)
-  np.testing.assert_allclose(flops['ade20k_large_shrunk'] / flops['ade20k_large'], 0.586, atol=1e-3)
+  np.testing.assert_allclose(gflops['ade20k_large_shrunk'] / gflops['ade20k_large'], 0.586,
+                             atol=1e-3)
   np.testing.assert_allclose(
-      flops['cocostuff10k_large_shrunk'] / flops['cocostuff10k_large'], 0.586, atol=1e-3)
+      gflops['cocostuff10k_large_shrunk'] / gflops['cocostuff10k_large'], 0.586, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,17 +92,17 @@ def eval_forward_macs(m: ml_collections.ConfigDict, image_hw, batch: int) -> int
   variables = jax.eval_shape(
       lambda x: model.init({'params': jax.random.key(0)}, x, train=False), images)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  return summary.jaxpr_macs(jaxpr)
+  return flops.jaxpr_macs(jaxpr)
 
 
 def mask_contraction_macs(m: ml_collections.ConfigDict, image_hw, batch: int) -> int:
   """What our model computes beyond the official count: every ATM layer's head-averaged mask
   as a contraction of its own over all channels (layers.Attention), batch x K x keys x d."""
   if m.name == 'segvit_shrunk':
-    grid = summary._grid(m, tuple(m.img_size))
+    grid = flops._grid(m, tuple(m.img_size))
     keys = [grid[0] * grid[1]]  # ATMSingleHead over the QU queries
   else:
-    keys = summary._tap_tokens(m, image_hw)[-m.use_stages:]
+    keys = flops._tap_tokens(m, image_hw)[-m.use_stages:]
   return sum(batch * m.num_classes * n * m.decoder_dim * m.decoder_layers for n in keys)
 
 
@@ -108,8 +110,8 @@ def mask_contraction_macs(m: ml_collections.ConfigDict, image_hw, batch: int) ->
 @pytest.mark.parametrize('image_hw,batch', [((64, 64), 1), ((48, 80), 2)])
 def test_analytic_matmuls_equal_model_jaxpr(shrunk, image_hw, batch):
   m = tiny_config(shrunk)
-  breakdown = summary.model_flops(m, image_hw, batch)
-  official = summary.total_flops(breakdown, ('matmul',))
+  breakdown = flops.model_flops(m, image_hw, batch)
+  official = flops.total_flops(breakdown, ('matmul',))
   assert eval_forward_macs(m, image_hw, batch) == official + mask_contraction_macs(
       m, image_hw, batch)
   assert ('backbone/qd_block' in breakdown) == shrunk
@@ -134,8 +136,8 @@ def test_jaxpr_macs_counts_nested_and_skips_constant_matrices():
   jaxpr = jax.make_jaxpr(f)(jnp.ones((2, 8)), jnp.ones((8, 4)), jnp.ones((4, 4)),
                             jnp.ones((3, 3, 4, 6)), jnp.ones((1, 5, 5, 4)))
   expected = 64 + 3 * 32 + 24 * 36 + 210 + 32
-  assert summary.jaxpr_macs(jaxpr) == expected
-  assert summary.jaxpr_macs(jaxpr, skip_constant_operands=False) > expected
+  assert flops.jaxpr_macs(jaxpr) == expected
+  assert flops.jaxpr_macs(jaxpr, skip_constant_operands=False) > expected
 
 
 def test_cli_json():
