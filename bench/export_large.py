@@ -57,13 +57,14 @@ def random_checkpoint(config_path: str, directory: str) -> int:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax.checkpoint import parameters  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
-  config = checkpoint.load_config(config_path)
+  config = config_lib.load_config(config_path)
   abstract = nn.unbox(segvit.abstract_params(segvit.build_model(config.model)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: 0.02 * rng.standard_normal(a.shape, np.float32), abstract)
-  checkpoint.export_params(directory, params, config, {'source': 'bench: random weights'})
+  parameters.export_params(directory, params, config, {'source': 'bench: random weights'})
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 

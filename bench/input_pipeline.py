@@ -31,7 +31,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image
 
-from segvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from segvit_jax.data.sources import reader  # pylint: disable=g-import-not-at-top
 from segvit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
@@ -83,7 +83,7 @@ def main():
   parser.add_argument('--batches', type=int, default=40)
   args = parser.parse_args()
 
-  config = checkpoint.load_config(args.config)
+  config = config_lib.load_config(args.config)
   config.batch_size = args.batch_size
   with tempfile.TemporaryDirectory() as tmp:
     folder = args.folder

@@ -1,11 +1,24 @@
 """The keys every config has, with the official recipe's defaults
-(official `configs/_base_/models/seg_vit-b16.py` and `configs/segvit/segvit_vit-l_jax_*.py`).
+(official `configs/_base_/models/seg_vit-b16.py` and `configs/segvit/segvit_vit-l_jax_*.py`),
+and configs on disk: `config.json`, `configs/*.py` (`load_config`).
 
 The files in `configs/` start from `get_base_config()` and change what their paper setting changes.
 Users override any key from the command line: `--config.batch_size=8 --config.mesh=data:4,model:2`.
+
+`config.json` (in a training workdir and beside exported parameters) is nested JSON of
+`config.to_dict()`, written by `write_config` and read by `read_config`: JSON lists come back as
+tuples, as the defaults here write sequences, and keys the file lacks take the defaults.
 """
 
+import importlib.util
+import json
+import os
+from typing import Any, Mapping, Optional
+
 import ml_collections
+
+from segvit_jax import fileio
+from segvit_jax.errors import UserError
 
 
 def vit_base(model: ml_collections.ConfigDict) -> None:
@@ -150,3 +163,128 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.flip = True  # with multi_scale
   e.num_examples = -1  # -1: the whole split
   return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs on disk.
+
+CONFIG_JSON = 'config.json'
+
+# The config.py written beside exported parameters, for `--config=DIR/config.py`. Directories
+# written before config I/O moved here hold the same text importing `segvit_jax.checkpoint`,
+# which no longer has `read_config`: `load_config` recognises both texts and reads the
+# config.json beside them instead of running them.
+_CONFIG_PY_TEMPLATE = '''\
+"""The config of the parameters in this directory: --config=THIS_DIR/config.py."""
+
+import os
+
+{import_line}
+
+
+def get_config():
+  here = os.path.dirname(os.path.abspath(__file__))
+  return {reader}.read_config(os.path.join(here, 'config.json'))
+'''
+_CONFIG_PY = _CONFIG_PY_TEMPLATE.format(
+    import_line='from segvit_jax import config as config_lib', reader='config_lib')
+_CONFIG_PY_TEXTS = (_CONFIG_PY, _CONFIG_PY_TEMPLATE.format(
+    import_line='from segvit_jax import checkpoint', reader='checkpoint'))
+
+
+def write_config(path: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `config` as nested JSON (tuples become lists), whole or not at all."""
+  fileio.replace_file(path, json.dumps(config.to_dict(), indent=2) + '\n')
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def _merge(base: dict, saved: Mapping[str, Any]) -> dict:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      _merge(base[key], value)
+    else:
+      base[key] = value
+  return base
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The config `write_config` wrote to `path`.
+
+  Keys the file lacks (added to segvit_jax after it was written) take `get_base_config()`'s values.
+  Raises UserError for a file that is not such a config, e.g. the flat layout of older versions.
+  """
+  try:
+    with fileio.open_file(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON ({e}): expected a config.json written by '
+                    'segvit_jax.') from e
+  if not isinstance(data, dict):
+    raise UserError(f'{path} holds a JSON {type(data).__name__}, not a segvit_jax config.')
+  dotted = [k for k in data if '.' in k]
+  if dotted:
+    raise UserError(
+        f'{path} is in the flat layout of older segvit_jax versions (dotted keys such as '
+        f'{dotted[0]!r}), which is no longer read: pass --config=<the configs/*.py file the run '
+        'was trained with, with the same --config.* overrides>.')
+  return ml_collections.ConfigDict(_merge(get_base_config().to_dict(), _tuples(data)))
+
+
+def read_config_or_none(path: str) -> Optional[ml_collections.ConfigDict]:
+  """The config at `path` if there is one in the current layout, else None (for messages)."""
+  if not fileio.exists(path):
+    return None
+  try:
+    return read_config(path)
+  except UserError:
+    return None
+
+
+def _written_beside_json(path: str) -> Optional[str]:
+  """The config.json beside `path` when `path` is a config.py that `write_config_py` wrote (in
+  this version or before config I/O moved here); else None."""
+  beside = os.path.join(os.path.dirname(path), CONFIG_JSON)
+  if os.path.basename(path) != 'config.py' or not fileio.exists(beside):
+    return None
+  with fileio.open_file(path) as f:
+    text = f.read()
+  return beside if text in _CONFIG_PY_TEXTS else None
+
+
+def write_config_py(directory: str) -> None:
+  """Writes `directory`/config.py: `get_config()` reading the config.json beside it."""
+  with open(os.path.join(directory, 'config.py'), 'w', encoding='utf-8') as f:
+    f.write(_CONFIG_PY)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """A config from a `configs/*.py` file (its `get_config()`), a config.json, or a directory
+  holding a config.json (an exported directory or a training workdir)."""
+  if not fileio.exists(path):
+    raise UserError(f'--config={path}: no such file; expected a configs/*.py file or a '
+                    'config.json.')
+  if fileio.isdir(path):
+    if not fileio.exists(os.path.join(path, CONFIG_JSON)):
+      raise UserError(f'--config={path} is a directory without a config.json; expected a '
+                      'configs/*.py file, a config.json or a directory holding one.')
+    return read_config(os.path.join(path, CONFIG_JSON))
+  if path.endswith('.json'):
+    return read_config(path)
+  if not path.endswith('.py'):
+    raise UserError(f'--config={path}: expected a configs/*.py file or a config.json.')
+  beside = _written_beside_json(path)
+  if beside is not None:
+    return read_config(beside)
+  spec = importlib.util.spec_from_file_location('_segvit_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'--config={path} defines no get_config().')
+  return module.get_config()

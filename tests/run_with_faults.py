@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from segvit_jax import checkpoint  # noqa: E402
 from segvit_jax import main  # noqa: E402
+from segvit_jax.checkpoint import training_checkpoints  # noqa: E402
 from segvit_jax.data import input_pipeline  # noqa: E402
 from segvit_jax.training import loop  # noqa: E402
 
@@ -139,7 +139,7 @@ class FaultyRun:
       step += 1
 
   def _wait_for_checkpoint(self):
-    path = os.path.join(checkpoint.checkpoint_dir(self.workdir), str(self.n))
+    path = os.path.join(training_checkpoints.checkpoint_dir(self.workdir), str(self.n))
     deadline = time.time() + _CHECKPOINT_TIMEOUT_S
     while not os.path.isdir(path):
       if time.time() > deadline:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from segvit_jax import checkpoint
 from segvit_jax import config as config_lib
 from segvit_jax.convert import checkpoints as convert
 from segvit_jax.convert import keymap
@@ -118,7 +117,7 @@ def test_cli_reads_the_architecture_from_meta(files, tmp_path):
   assert meta['class_names'][3] == 'c3' and meta['palette'][2] == [20, 0, 253]
   assert len(meta['ignored']) == 1 and 'loss_decode.criterion.empty_weight' in meta['ignored'][0]
   # The config.py next to the parameters gives the same config (for --config=DST/config.py).
-  assert checkpoint.load_config(str(dst / 'config.py')).to_dict() == config.to_dict()
+  assert config_lib.load_config(str(dst / 'config.py')).to_dict() == config.to_dict()
 
   # Layout spot checks against the official tensors.
   sd = {k: v.numpy() for k, v in model.state_dict().items()}

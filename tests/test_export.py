@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run_cli
 from conftest import subprocess_env
-from segvit_jax import checkpoint
+from segvit_jax.checkpoint import parameters
 from segvit_jax.export import artifacts as export
 from segvit_jax.data import mmseg_rules
 from segvit_jax.models import resize
@@ -57,7 +57,7 @@ def models_fixture(tmp_path_factory):
     params = test_predict.random_params(nn.unbox(segvit.abstract_params(model)), seed=len(out))
     params = jax.tree.map(lambda a: a * np.float32(GAIN) if a.ndim > 1 else a, params)
     ckpt = str(base / name)
-    checkpoint.export_params(ckpt, params, config, {'source': 'test'})
+    parameters.export_params(ckpt, params, config, {'source': 'test'})
     rgb = np.stack([_image(rng, *SIZE) for _ in range(max(BATCHES))])
     d = config.dataset
     normalised = (rgb.astype(np.float32) - np.asarray(d.mean, np.float32)) / np.asarray(

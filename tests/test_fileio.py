@@ -6,12 +6,14 @@ import os
 
 import numpy as np
 
-from segvit_jax import checkpoint
+from segvit_jax import config as config_lib
 from segvit_jax import fileio
+from segvit_jax.checkpoint import parameters
+from segvit_jax.checkpoint import training_checkpoints
 
 
 def test_urls_stay_urls():
-  assert checkpoint.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
+  assert training_checkpoints.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
   assert fileio.absolute('gs://bucket/run') == 'gs://bucket/run'
   assert fileio.absolute('run') == os.path.join(os.getcwd(), 'run')
 
@@ -29,10 +31,10 @@ def test_trainer_files_on_a_url_file_system():
                                                 {'step': 2, 'train/loss': None}]
   assert fileio.listdir(workdir) == ['metrics.jsonl']
   assert not fileio.isdir(os.path.join(workdir, 'checkpoints'))
-  assert checkpoint.training_checkpoint_root(workdir) is None
+  assert parameters.training_checkpoint_root(workdir) is None
   for step in ('3', '10'):
     fileio.makedirs(os.path.join(workdir, 'checkpoints', step))
-  assert checkpoint.training_checkpoint_root(workdir) == os.path.join(workdir, 'checkpoints')
+  assert parameters.training_checkpoint_root(workdir) == os.path.join(workdir, 'checkpoints')
 
 
 def test_local_files_unchanged(tmp_path):
@@ -44,12 +46,11 @@ def test_local_files_unchanged(tmp_path):
 
 
 def test_config_json_on_a_url_file_system():
-  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base_config()
   config.model.img_size = (48, 64)
   fileio.makedirs('ram://bucket/config_run')
   path = 'ram://bucket/config_run/config.json'
-  checkpoint.write_config(path, config)
-  back = checkpoint.read_config(path)
+  config_lib.write_config(path, config)
+  back = config_lib.read_config(path)
   assert back.to_dict() == config.to_dict() and back.model.img_size == (48, 64)
-  assert checkpoint.load_config(path).to_dict() == config.to_dict()
+  assert config_lib.load_config(path).to_dict() == config.to_dict()

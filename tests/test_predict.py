@@ -13,8 +13,9 @@ from PIL import Image
 import pytest
 
 import mmcv_reference
-from segvit_jax import checkpoint
 from segvit_jax import config as config_lib
+from segvit_jax.checkpoint import parameters
+from segvit_jax.checkpoint import training_checkpoints
 from segvit_jax.data import mmseg_rules
 from segvit_jax import predict
 from segvit_jax.evaluation import inference
@@ -86,7 +87,7 @@ def setup(tmp_path_factory):
   config = tiny_config()
   params = random_params(nn.unbox(segvit.abstract_params(segvit.build_model(config.model))))
   ckpt = str(base / 'ckpt')
-  checkpoint.export_params(ckpt, params, config, {'source': 'test'})
+  parameters.export_params(ckpt, params, config, {'source': 'test'})
   inputs = base / 'inputs'
   inputs.mkdir()
   rng = np.random.default_rng(0)
@@ -206,10 +207,10 @@ def test_training_workdir_restores_params_only(setup, predictor, tmp_path):
   params = setup['params']
   state = {'step': np.int32(7), 'params': params,
            'opt_state': ({'mu': jax.tree.map(np.zeros_like, params)}, {'count': np.int32(7)})}
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt = training_checkpoints.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
   ckpt.save(7, jax.tree.map(jnp.asarray, state))
   ckpt.close()
-  checkpoint.write_config(str(tmp_path / 'config.json'), setup['config'])  # as the trainer does
+  config_lib.write_config(str(tmp_path / 'config.json'), setup['config'])  # as the trainer does
   loaded = predictor_lib.load(str(tmp_path))
   assert loaded.config.eval.crop_size == (32, 32)
   assert loaded.config.model.to_dict() == setup['config'].model.to_dict()

@@ -20,8 +20,10 @@ import flax.linen as nn
 import jax
 import pytest
 
-from segvit_jax import checkpoint
 from segvit_jax import fileio
+from segvit_jax.checkpoint import integrity
+from segvit_jax.checkpoint import parameters
+from segvit_jax.checkpoint import training_checkpoints
 from segvit_jax.evaluation import predictor
 from segvit_jax.training import build
 from segvit_jax.training import eval_mode
@@ -95,7 +97,7 @@ def test_a_truncated_newest_step_is_set_aside_and_training_continues_before_it(
   # Kept as it was, and neither read again nor counted among the checkpoints to keep.
   assert sorted(os.listdir(ckdir)) == ['3', '6', '6.damaged']
   assert os.path.getsize(os.path.join(ckdir, '6.damaged', 'default', '_sharding')) == 100
-  assert checkpoint.Checkpointer(ckdir, read_only=True).all_steps() == [3, 6]
+  assert training_checkpoints.Checkpointer(ckdir, read_only=True).all_steps() == [3, 6]
 
 
 def _damages(ckdir):
@@ -127,7 +129,7 @@ def test_loading_a_damaged_step_names_it_and_the_step_that_loads(reference, tmp_
   for what, damage, path, reason in _damages(ckdir):
     damage()
     with pytest.raises(UserError) as info:
-      checkpoint.load_params(workdir, abstract, config=config, flag='--checkpoint',
+      parameters.load_params(workdir, abstract, config=config, flag='--checkpoint',
                              step_flag='--step')
     message = str(info.value)
     assert re.fullmatch(
@@ -135,8 +137,8 @@ def test_loading_a_damaged_step_names_it_and_the_step_that_loads(reference, tmp_
         rf'\({re.escape(path)}: {reason}\); step 3 loads: add --step=3\.', message), (what, message)
     shutil.rmtree(os.path.join(ckdir, '6'))
     shutil.copytree(good, os.path.join(ckdir, '6'))
-  loaded, _ = checkpoint.load_params(workdir, abstract, config=config)  # undamaged: step 6
-  assert checkpoint.checksums({'params': loaded}).items() <= _saved_sums(ckdir, 6).items()
+  loaded, _ = parameters.load_params(workdir, abstract, config=config)  # undamaged: step 6
+  assert integrity.checksums({'params': loaded}).items() <= _saved_sums(ckdir, 6).items()
 
 
 def _saved_sums(ckdir, step):
@@ -241,7 +243,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_continues(reference
   ckdir = os.path.join(workdir, 'checkpoints')
   lines = _run_with_fault(workdir, 'fill_after:3:65536')
   state = build.setup(tiny_runs.tiny_config(), ONE_DEVICE).spec.abstract
-  needs = fileio.size_text(max(checkpoint.state_bytes(state), _checkpoint_size(ckdir, 3)))
+  needs = fileio.size_text(max(training_checkpoints.state_bytes(state),
+                               _checkpoint_size(ckdir, 3)))
   assert len(lines) == 1 and re.fullmatch(
       rf'error: cannot write the checkpoint of step 6 to {re.escape(ckdir)} \((No space left on '
       rf'device|File too large)\): a checkpoint of this model needs {needs}, \S+ \S+ free '
@@ -273,9 +276,9 @@ def test_a_failed_metrics_write_is_one_line_and_leaves_whole_lines(reference, tm
 
 def test_start_up_warns_when_two_checkpoints_would_not_fit(tmp_path):
   free = fileio.free_bytes(str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt = training_checkpoints.Checkpointer(str(tmp_path / 'checkpoints'))
   huge = {'w': jax.ShapeDtypeStruct((free // 4 // 2 + 1000,), jax.numpy.float32)}
-  needed = 2 * checkpoint.state_bytes(huge)
+  needed = 2 * training_checkpoints.state_bytes(huge)
   warning = ckpt.space_warning(huge)
   # The file system's free space moves with other writers: the figure is checked by its unit.
   assert re.fullmatch(

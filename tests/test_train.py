@@ -19,8 +19,8 @@ import numpy as np
 import optax
 import pytest
 
-from segvit_jax import checkpoint
 from segvit_jax import losses
+from segvit_jax.checkpoint import parameters
 from segvit_jax.training import build
 from segvit_jax.training import eval_mode
 from segvit_jax.training import loop
@@ -191,9 +191,9 @@ def test_eval_mode_on_workdir_and_exported_params(reference, tmp_path):
 
   # The same params as an exported directory.
   run = build.setup(config, ONE_DEVICE)
-  params, _ = checkpoint.load_params(workdir, run.spec.abstract.params)
+  params, _ = parameters.load_params(workdir, run.spec.abstract.params)
   exported = str(tmp_path / 'exported')
-  checkpoint.export_params(exported, jax.device_get(params), config, {'source': 'test'})
+  parameters.export_params(exported, jax.device_get(params), config, {'source': 'test'})
   config = tiny_runs.tiny_config(init_checkpoint=exported, **overrides)
   out = eval_mode.evaluate_checkpoint(config, str(tmp_path / 'eval_exported'), devices=ONE_DEVICE)
   assert out['val/miou'] == pytest.approx(final['miou'], abs=1e-9)

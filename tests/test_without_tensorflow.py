@@ -22,7 +22,8 @@ import tiny_runs
 # augment, sources.tfds_builder / mmseg_folder / reader).
 TF_FREE = ['segvit_jax.main', 'segvit_jax.training.loop', 'segvit_jax.training.eval_mode',
            'segvit_jax.predict', 'segvit_jax.convert.checkpoints',
-           'segvit_jax.aot.compile', 'segvit_jax.aot.summary', 'segvit_jax.checkpoint',
+           'segvit_jax.aot.compile', 'segvit_jax.aot.summary', 'segvit_jax.config',
+           'segvit_jax.checkpoint.training_checkpoints', 'segvit_jax.checkpoint.parameters',
            'segvit_jax.evaluation.evaluators', 'segvit_jax.data.input_pipeline', 'segvit_jax.data.numpy_pipeline',
            'segvit_jax.data.datasets', 'segvit_jax.data.datasets.ade20k', 'segvit_jax.data.palettes',
            'segvit_jax.data.sources', 'segvit_jax.data.sources.checks', 'segvit_jax.data.prepare',

@@ -7,9 +7,9 @@ r"""Official SegViT checkpoints (mmseg/mmcv `.pth`) -> exported segvit_jax param
 `Akide/SegViTv1`), fetched into huggingface_hub's cache (HF_HOME / HF_HUB_CACHE; offline with
 HF_HUB_OFFLINE=1 it must be there already) and read from there.
 
-writes the directory `segvit_jax.checkpoint.export_params` describes (params/, config.json,
-config.py, meta.json with class names, palette, source file and the tensors ignored), which
-`predict --checkpoint=DIR` and `--config.init_checkpoint=DIR` read.
+writes the directory `segvit_jax.checkpoint.parameters.export_params` describes (params/,
+config.json, config.py, meta.json with class names, palette, source file and the tensors
+ignored), which `predict --checkpoint=DIR` and `--config.init_checkpoint=DIR` read.
 
 Without `--config` the architecture comes from the checkpoint itself: `meta['config']` holds the
 mmcv config as Python text, parsed without executing anything (`mmcv_config`) and cross-checked
@@ -33,7 +33,8 @@ from absl import logging
 import flax.linen as nn
 import ml_collections
 
-from segvit_jax import checkpoint
+from segvit_jax import config as config_lib
+from segvit_jax.checkpoint import parameters
 from segvit_jax.convert import keymap
 from segvit_jax.convert import mmcv_config
 from segvit_jax.convert import torch_files
@@ -194,7 +195,7 @@ def _config_for(path: str, meta: Mapping[str, Any], config) -> tuple:
                       '--config=configs/X.py to say which architecture it is.')
     return mmcv_config.to_config(mmcv_config.parse(text)), "the checkpoint's meta['config']"
   if isinstance(config, str):
-    config = checkpoint.load_config(config)
+    config = config_lib.load_config(config)
   return ml_collections.ConfigDict(config.to_dict()), 'the given config'
 
 
@@ -295,9 +296,9 @@ def resolve_source(src: str) -> str:
 def convert_to_dir(src: str, dst: str, config=None, allow_pickle: bool = False) -> str:
   """Converts `src` (a path or hf://OWNER/REPO/FILE) and writes `dst`; returns a one-line
   summary. Raises UserError."""
-  checkpoint.check_new_directory(dst)
+  parameters.check_new_directory(dst)
   params, config, info = convert_checkpoint(resolve_source(src), config, allow_pickle)
-  checkpoint.export_params(dst, params, config, info)
+  parameters.export_params(dst, params, config, info)
   m = config.model
   backbone, head = segvit.param_counts(params)
   return (f'Converted {src} -> {dst}: {m.name}, ViT {m.embed_dim}x{m.depth}, img_size '

@@ -42,15 +42,16 @@ def load_checkpoint(path: str, config: Optional[Any] = None, step: int = 0):
     step: the step of a training workdir; 0: its latest.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from segvit_jax.checkpoint import parameters  # pylint: disable=g-import-not-at-top
   from segvit_jax.models import segvit  # pylint: disable=g-import-not-at-top
   if isinstance(config, str):
-    config = checkpoint_lib.load_config(config)
+    config = config_lib.load_config(config)
   if config is None:
-    config = checkpoint_lib.saved_config(path, flag='--checkpoint')
+    config = parameters.saved_config(path, flag='--checkpoint')
   model = segvit.build_model(config.model)
   abstract = nn.unbox(segvit.abstract_params(model))
-  params, _ = checkpoint_lib.load_params(path, abstract, config=config, flag='--checkpoint',
+  params, _ = parameters.load_params(path, abstract, config=config, flag='--checkpoint',
                                          step=step, step_flag='--step')
   return model, {'params': jax.tree.map(jnp.asarray, params)}, config
 

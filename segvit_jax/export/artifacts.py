@@ -382,11 +382,12 @@ def main(argv: Sequence[str]) -> int:
       raise UserError(f'--{name} is required: {USAGE}')
   size = parse_size(f.size) if f.size else None
   if size is None:
-    from segvit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from segvit_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from segvit_jax.checkpoint import parameters  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(f.checkpoint):
       raise UserError(f'--checkpoint={f.checkpoint} is not a directory.')
-    config = (checkpoint_lib.load_config(f.config) if f.config
-              else checkpoint_lib.saved_config(f.checkpoint, flag='--checkpoint'))
+    config = (config_lib.load_config(f.config) if f.config
+              else parameters.saved_config(f.checkpoint, flag='--checkpoint'))
     size = tuple(int(s) for s in config.model.img_size)
   t0 = time.perf_counter()
   info = export(f.checkpoint, f.format, size, f.output, end_to_end=f.end_to_end,

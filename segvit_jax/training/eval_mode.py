@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 
-from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import fileio
+from segvit_jax.checkpoint import parameters
 from segvit_jax.evaluation import evaluators as evaluators_lib
 from segvit_jax.training import build
 from segvit_jax.training import log
@@ -32,7 +32,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   run = build.setup(config, devices)
   with jax.set_mesh(run.mesh):
     params = state_lib.model_layout(state_lib.load_params(source, run.spec, config), run.spec)
-    step = checkpoint_lib.params_step(source, int(config.restore_step))
+    step = parameters.params_step(source, int(config.restore_step))
     fileio.makedirs(workdir)
     writer = log.MetricsWriter(workdir)
     try:

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import cli
+from segvit_jax import config as config_lib
 from segvit_jax import fileio
 from segvit_jax import optim
 from segvit_jax.models import segvit
@@ -158,7 +158,7 @@ def describe_run(config: ml_collections.ConfigDict, mesh: Mesh, params: Any,
   """config.json and parameters.txt in the workdir, one summary line on the console (process 0)."""
   if jax.process_index() != 0:
     return
-  checkpoint_lib.write_config(os.path.join(workdir, 'config.json'), config)
+  config_lib.write_config(os.path.join(workdir, 'config.json'), config)
   table = parameter_overview.get_parameter_overview(params, include_stats='sharding')
   fileio.replace_file(os.path.join(workdir, 'parameters.txt'), table + '\n')
   backbone, head = segvit.param_counts(params)

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import ml_collections
 
-from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import cli
 from segvit_jax import distributed
 from segvit_jax import fileio
+from segvit_jax.checkpoint import training_checkpoints
 from segvit_jax.evaluation import evaluators as evaluators_lib
 from segvit_jax.training import build
 from segvit_jax.training import log
@@ -56,7 +56,7 @@ class Loop:
   spec: state_lib.StateSpec
   train_step: Callable[..., Any]
   evals: list
-  ckpt: checkpoint_lib.Checkpointer
+  ckpt: training_checkpoints.Checkpointer
   writer: log.MetricsWriter
   stop: preemption.StopRequest
   pending: log.PendingMetrics
@@ -75,8 +75,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run = build.setup(config, devices)
   final_path = os.path.join(workdir, 'final_metrics.json')
   fileio.makedirs(workdir)
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
-                                     keep=int(config.keep_checkpoints))
+  ckpt = training_checkpoints.Checkpointer(training_checkpoints.checkpoint_dir(workdir),
+                                           keep=int(config.keep_checkpoints))
   if jax.process_index() == 0:
     warning = ckpt.space_warning(run.spec.abstract)
     if warning:
@@ -142,7 +142,7 @@ def _train_loop(state: state_lib.TrainState, batches: Iterator[Any], loop: Loop)
         loop.evals, lambda every: itstime(step, every, num_steps), step,
         lambda: state_lib.model_layout(outcome.state.params, loop.spec), loop.writer,
         outcome.results, loop.progress.pause)
-    best = None if miou is None else {checkpoint_lib.BEST_METRIC: miou}
+    best = None if miou is None else {training_checkpoints.BEST_METRIC: miou}
     if best is not None or itstime(step, int(config.checkpoint_every_steps), num_steps):
       _save(step, loop, outcome, best)
     if step < num_steps:

@@ -21,10 +21,11 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from segvit_jax import checkpoint as checkpoint_lib
 from segvit_jax import cli
 from segvit_jax import distributed
 from segvit_jax import sharding
+from segvit_jax.checkpoint import parameters
+from segvit_jax.checkpoint import training_checkpoints
 from segvit_jax.models import segvit
 
 PyTree = Any
@@ -69,7 +70,7 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh) -
   shardings = TrainState(step=replicated, params=stored, opt_state=opt_shardings)
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=opt_state)
-  return StateSpec(checkpoint_lib.abstract_like(abstract_state, shardings), shardings,
+  return StateSpec(training_checkpoints.abstract_like(abstract_state, shardings), shardings,
                    model_shardings)
 
 
@@ -117,7 +118,7 @@ def state_with_params(params: PyTree, tx: optax.GradientTransformation,
 def load_params(path: str, spec: StateSpec, config: ml_collections.ConfigDict) -> PyTree:
   """Params of an exported directory or a training workdir, laid out as the state's; a converted
   checkpoint's class names and palette carry over to `config` (for tables and pictures)."""
-  params, saved = checkpoint_lib.load_params(
+  params, saved = parameters.load_params(
       path, spec.abstract.params, config=config, flag='config.init_checkpoint',
       step=int(config.restore_step), step_flag='--config.restore_step')
   if saved is not None and saved.get('convert') and not config.get('convert'):
@@ -128,7 +129,7 @@ def load_params(path: str, spec: StateSpec, config: ml_collections.ConfigDict) -
 
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module,
                   tx: optax.GradientTransformation, spec: StateSpec,
-                  ckpt: checkpoint_lib.Checkpointer) -> TrainState:
+                  ckpt: training_checkpoints.Checkpointer) -> TrainState:
   """The newest readable checkpoint of the workdir, else a fresh state (params from
   config.init_checkpoint or config.pretrained_backbone when set)."""
   restored = ckpt.restore_newest(spec.abstract, config=config)
